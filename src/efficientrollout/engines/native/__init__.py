@@ -1,0 +1,3 @@
+from .engine import EngineConfig, NativeEngine
+
+__all__ = ["EngineConfig", "NativeEngine"]

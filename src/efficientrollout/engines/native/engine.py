@@ -1,0 +1,236 @@
+"""The native PyTorch rollout engine: continuous batching within a wave, versioned weights.
+
+`stream(requests)` is the whole algorithm: admit waiting samples into free cache slots
+(prefill), decode one token for every running sample, retire finished ones (compacting the
+batch), repeat. Bookkeeping is plain Python (Sequence); tensors live in ModelRunner.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ...models import DEFAULT_MODEL, CheckpointError, load_model, load_weights, read_state_dict
+from ...protocol import FINISH_ERROR, RolloutRequest, RolloutResult, SpeculationStats, Timings
+from .runner import ModelRunner
+from .sampler import SamplingBatch, derive_seed, sample, seeded_uniform
+from .sequence import Sequence
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL  # "smollm2" (bundled) or a local HF directory
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16 math, else fp32
+    max_batch_size: int = 64
+    max_seq_len: int = 2048
+    max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_batch_size < 1 or self.max_seq_len < 2 or self.max_prefill_tokens < 1:
+            raise ValueError("max_batch_size, max_seq_len and max_prefill_tokens must be positive")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16
+    # Without AVX512-BF16/AMX, CPU bf16 matmuls fall back to scalar code (~300x slower here).
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+class PromptError(ValueError):
+    """A request this engine cannot serve (bad tokens, too long, too new a policy version)."""
+
+
+class NativeEngine:
+    def __init__(self, config: EngineConfig | None = None, *, engine_id: str | None = None):
+        self.config = config = config or EngineConfig()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        loaded = load_model(config.model, self.dtype, self.device, config.max_seq_len)
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        self.model_path = loaded.path
+        self.runner = ModelRunner(loaded.decoder, config.max_batch_size, config.max_seq_len)
+        self.version = 0
+        self.engine_id = engine_id or f"native-{socket.gethostname()}-{os.getpid()}"
+        self._generating = False
+
+    @property
+    def decoder(self):
+        return self.runner.decoder
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | str | os.PathLike, version: int) -> float:
+        """Load new weights in place (no re-allocation) between waves; returns seconds taken.
+
+        `weights` is a HF-named state dict, a .safetensors file or a directory of them. Anything
+        that does not fit (names, shapes, non-finite values) raises WeightError and leaves the
+        previous weights and version serving."""
+        if self._generating:
+            raise RuntimeError("update_weights is only allowed between waves, not while generating")
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        t0 = time.perf_counter()
+        if isinstance(weights, Mapping):
+            state, source = weights, f"state dict for version {version}"
+        else:
+            state, source = read_state_dict(weights), str(weights)
+        load_weights(self.decoder, dict(state), source)
+        self.version = version
+        return time.perf_counter() - t0
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def generate(self, requests: Iterable[RolloutRequest]) -> list[RolloutResult]:
+        """All results, ordered by request then sample index."""
+        requests = list(requests)
+        order = {r.id: i for i, r in enumerate(requests)}
+        results = list(self.stream(requests))
+        return sorted(results, key=lambda r: (order[r.request_id], r.sample_index))
+
+    def stream(self, requests: Iterable[RolloutRequest]) -> Iterator[RolloutResult]:
+        """Generate a wave; yield each sample's result as soon as it finishes."""
+        if self._generating:
+            raise RuntimeError("this engine is already generating a wave")
+        self._generating = True
+        try:
+            waiting: deque[Sequence] = deque()
+            for request in requests:
+                try:
+                    waiting.extend(self._sequences(request))
+                except PromptError as exc:
+                    yield from (self._error_result(request, i, str(exc)) for i in range(request.sampling.n))
+            running: list[Sequence] = []
+            while waiting or running:
+                if waiting and len(running) < self.config.max_batch_size:
+                    yield from self._admit(waiting, running)
+                if running:
+                    yield from self._decode_step(running)
+        finally:
+            self._generating = False
+
+    def _sequences(self, request: RolloutRequest) -> list[Sequence]:
+        if request.min_policy_version > self.version:
+            raise PromptError(f"min_policy_version {request.min_policy_version} is newer than this engine's weights (version {self.version})")
+        prompt_ids = self._encode(request)
+        if len(prompt_ids) >= self.config.max_seq_len:
+            raise PromptError(f"prompt has {len(prompt_ids)} tokens; this engine's max_seq_len is {self.config.max_seq_len}")
+        base = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        return [
+            Sequence(request, i, prompt_ids, derive_seed(base, i), self.config.max_seq_len)
+            for i in range(request.sampling.n)
+        ]
+
+    def _encode(self, request: RolloutRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            ids = request.prompt_token_ids
+            vocab = self.decoder.cfg.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise PromptError(f"prompt_token_ids out of range [0, {vocab}): {bad[:5]}")
+        elif request.messages is not None:
+            if self.tokenizer.chat_template is None:
+                raise PromptError(f"the model at {self.model_path} has no chat template; send prompt text or token ids")
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(request.prompt)
+        if not ids:
+            raise PromptError("the prompt is empty")
+        return list(ids)
+
+    def _admit(self, waiting: deque[Sequence], running: list[Sequence]) -> Iterator[RolloutResult]:
+        """Prefill as many waiting samples as there are free slots, in token-budgeted groups."""
+        free = self.config.max_batch_size - len(running)
+        while waiting and free > 0:
+            group = [waiting.popleft()]
+            while waiting and len(group) < free:
+                width = max(len(s.prompt_ids) for s in (*group, waiting[0]))
+                if width * (len(group) + 1) > self.config.max_prefill_tokens:
+                    break
+                group.append(waiting.popleft())
+            free -= len(group)
+            t0 = time.perf_counter()
+            slots = list(range(len(running), len(running) + len(group)))
+            logits = self.runner.prefill([s.prompt_ids for s in group], slots)
+            running.extend(group)
+            yield from self._sample_and_retire(logits, running, slots)
+            elapsed = time.perf_counter() - t0
+            for s in group:
+                s.t_admitted, s.prefill_s = t0, elapsed
+
+    def _decode_step(self, running: list[Sequence]) -> Iterator[RolloutResult]:
+        logits = self.runner.decode([s.output_ids[-1] for s in running], [s.last_position for s in running])
+        yield from self._sample_and_retire(logits, running, list(range(len(running))))
+
+    def _sample_and_retire(self, logits: torch.Tensor, running: list[Sequence], slots: list[int]) -> Iterator[RolloutResult]:
+        """Pick one token for running[slot] per logits row, then retire finished samples."""
+        seqs = [running[i] for i in slots]
+        params = SamplingBatch.build(
+            [s.params.temperature for s in seqs], [s.params.top_p for s in seqs], [s.params.top_k for s in seqs], logits.device
+        )
+        uniforms = torch.from_numpy(seeded_uniform([s.seed for s in seqs], [s.num_tokens for s in seqs]))
+        tokens, logprobs = sample(logits, params, uniforms.to(logits.device))
+        now = time.perf_counter()
+        for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            if not s.output_ids:
+                s.t_first_token = now
+            s.append(tok, lp, self.eos_token_ids, self.tokenizer)
+        # Retire from the highest slot down, filling each hole with the last running sample,
+        # so running samples always occupy cache slots 0..b-1.
+        for i in range(len(running) - 1, -1, -1):
+            if running[i].finish_reason is None:
+                continue
+            done, last = running[i], running.pop()
+            if i < len(running):
+                self.runner.move(len(running), i, last.num_tokens)
+                running[i] = last
+            yield self._result(done)
+
+    def _result(self, s: Sequence) -> RolloutResult:
+        now = time.perf_counter()
+        return RolloutResult(
+            request_id=s.request.id,
+            sample_index=s.sample_index,
+            policy_version=self.version,
+            prompt_token_ids=s.prompt_ids,
+            output_token_ids=s.output_ids,
+            text=s.text(self.tokenizer),
+            logprobs=s.logprobs,
+            finish_reason=s.finish_reason,
+            engine_id=self.engine_id,
+            timings=Timings(queued_s=s.t_admitted - s.t_enqueued, prefill_s=s.prefill_s, decode_s=now - s.t_first_token),
+            speculation=SpeculationStats(drafted=s.drafted, accepted=s.accepted),
+            metadata=s.request.metadata,
+        )
+
+    def _error_result(self, request: RolloutRequest, index: int, error: str) -> RolloutResult:
+        return RolloutResult(
+            request_id=request.id, sample_index=index, policy_version=self.version, prompt_token_ids=[],
+            output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
+            engine_id=self.engine_id, metadata=request.metadata,
+        )
+
+
+__all__ = ["CheckpointError", "EngineConfig", "NativeEngine", "PromptError"]

@@ -1,0 +1,192 @@
+"""Our own compact decoder for the Llama / Qwen2 / Qwen3 families.
+
+Why not transformers' modeling code: speculation needs to own the KV cache and the step. The
+cache is static and written by position ([L, B, S, Hkv, D], one row per batch slot), so a
+verify pass simply overwrites rejected draft positions and positions advance per row: no
+rollback. q/k/v and gate/up are fused into single linears (fewer ops per step); every linear
+is an `nn.Linear`, so torchao's `quantize_` can derive a drafter from the same modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Same op order as the reference: normalise in fp32, cast back, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [b, T, H, D]; cos/sin [b, T, 1, D] (each half repeated), "rotate half" convention
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, [layers, slots, max_seq_len, kv_heads, head_dim] each."""
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (cfg.num_layers, slots, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slot `dst` (batch compaction)."""
+        self.k[:, dst, :length].copy_(self.k[:, src, :length])
+        self.v[:, dst, :length].copy_(self.v[:, src, :length])
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+        self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.post_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: "StepContext", k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        cfg = self.cfg
+        b, T, _ = x.shape
+        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        q, k, v = self.qkv(h).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(b, T, cfg.num_heads, cfg.head_dim)
+        k = k.view(b, T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(b, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        k_cache[ctx.rows_bt, ctx.positions] = k
+        v_cache[ctx.rows_bt, ctx.positions] = v
+        if ctx.kv_len is None:
+            # Prefill: prompts start at position 0, attend the fresh keys causally.
+            attn = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
+        else:
+            # Decode / verify: rows are cache slots 0..b-1, attend the cache up to kv_len.
+            keys = k_cache[:b, : ctx.kv_len].transpose(1, 2)  # [b, Hkv, S, D]
+            values = v_cache[:b, : ctx.kv_len].transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask, enable_gqa=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, T, cfg.q_size))
+        h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class StepContext:
+    """Per-step indexing shared by all layers: which cache rows and positions the tokens occupy."""
+
+    __slots__ = ("rows_bt", "positions", "kv_len", "mask")
+
+    def __init__(self, positions: Tensor, rows: Tensor | None, kv_len: int | None):
+        b, T = positions.shape
+        self.positions = positions  # [b, T]
+        if rows is None:
+            rows = torch.arange(b, device=positions.device)
+        self.rows_bt = rows[:, None].expand(b, T)
+        self.kv_len = kv_len
+        self.mask = None
+        if kv_len is not None:
+            # key j is visible to the query at position p iff j <= p  → [b, 1, T, kv_len]
+            self.mask = (torch.arange(kv_len, device=positions.device) <= positions[:, :, None])[:, None]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, inv_freq: Tensor, rope_scale: float, max_seq_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("cos", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
+        self._init_rope(inv_freq, rope_scale, max_seq_len)
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, inv_freq: Tensor, rope_scale: float, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> "Decoder":
+        """Allocate without initialising (the weights are loaded next)."""
+        with torch.device("meta"):
+            decoder = cls(cfg, inv_freq, rope_scale, max_seq_len)
+        decoder = decoder.to_empty(device=device).to(dtype)
+        if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor
+            decoder.lm_head.weight = decoder.embed.weight
+        decoder._init_rope(inv_freq, rope_scale, max_seq_len)
+        return decoder
+
+    def _init_rope(self, inv_freq: Tensor, rope_scale: float, max_seq_len: int) -> None:
+        if self.cos.is_meta:
+            return
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq.float())
+        angles = torch.cat((angles, angles), dim=-1)  # [S, D], fp32 like the reference
+        self.cos = (angles.cos() * rope_scale).to(self.cos.device)
+        self.sin = (angles.sin() * rope_scale).to(self.sin.device)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+        """tokens, positions [b, T] → final hidden states [b, T, hidden].
+
+        rows=None, kv_len=n: decode/verify for cache slots 0..b-1 attending positions < n.
+        rows=slots, kv_len=None: prefill of prompts (starting at position 0) into those slots.
+        """
+        ctx = StepContext(positions, rows, kv_len)
+        x = self.embed(tokens)
+        cos = self.cos[positions].to(x.dtype)[:, :, None]
+        sin = self.sin[positions].to(x.dtype)[:, :, None]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, ctx, cache.k[i], cache.v[i])
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()
+
+    def hf_parameter_views(self) -> dict[str, Tensor]:
+        """Every checkpoint tensor name (HF naming) → the view of our parameters it fills."""
+        cfg, views = self.cfg, {}
+        views["model.embed_tokens.weight"] = self.embed.weight
+        views["model.norm.weight"] = self.norm
+        if not cfg.tie_word_embeddings:
+            views["lm_head.weight"] = self.lm_head.weight
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            views[p + "input_layernorm.weight"] = layer.input_norm
+            views[p + "post_attention_layernorm.weight"] = layer.post_norm
+            for name, lo, hi in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
+                views[p + f"self_attn.{name}.weight"] = layer.qkv.weight[lo:hi]
+                if cfg.attention_bias:
+                    views[p + f"self_attn.{name}.bias"] = layer.qkv.bias[lo:hi]
+            if cfg.qk_norm:
+                views[p + "self_attn.q_norm.weight"] = layer.q_norm
+                views[p + "self_attn.k_norm.weight"] = layer.k_norm
+            views[p + "self_attn.o_proj.weight"] = layer.o.weight
+            views[p + "mlp.gate_proj.weight"] = layer.gate_up.weight[:inter]
+            views[p + "mlp.up_proj.weight"] = layer.gate_up.weight[inter:]
+            views[p + "mlp.down_proj.weight"] = layer.down.weight
+        return views
