@@ -73,9 +73,11 @@ def filtered_probs(logprobs: Tensor, params: SamplingBatch) -> Tensor:
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=probs.device)
-    k = torch.where(params.top_k > 0, params.top_k, probs.shape[-1])
+    sampled = params.temperature > 0  # greedy rows are never filtered
+    k = torch.where(sampled & (params.top_k > 0), params.top_k, probs.shape[-1])
+    top_p = torch.where(sampled, params.top_p, torch.ones_like(params.top_p))
     # keep a token while the mass before it is < top_p (so the first token always stays)
-    keep = (rank[None] < k[:, None]) & ((sorted_probs.cumsum(-1) - sorted_probs) < params.top_p[:, None])
+    keep = (rank[None] < k[:, None]) & ((sorted_probs.cumsum(-1) - sorted_probs < top_p[:, None]) | (top_p[:, None] >= 1.0))
     keep_vocab = torch.zeros_like(keep).scatter_(-1, order, keep)
     probs = probs * keep_vocab
     return probs / probs.sum(-1, keepdim=True)

@@ -1,0 +1,159 @@
+"""The native engine on a tiny random Llama: exactness against transformers, seeds, stops, n,
+batching, weight updates and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import greedy_reference, reference_logprobs
+from transformers import AutoModelForCausalLM
+
+from efficientrollout.models import WeightError, read_state_dict
+from efficientrollout.protocol import ChatMessage, RolloutRequest, SamplingParams
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3 4", "What is the capital of France?", "a", "Once upon a time in a land far away, there lived"]
+
+
+def req(i, prompt, **sampling) -> RolloutRequest:
+    return RolloutRequest(id=f"r{i}", prompt=prompt, sampling=SamplingParams(**sampling))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def test_greedy_matches_transformers_batched_and_unbatched(tiny_engine, hf_model):
+    requests = [req(i, p, temperature=0.0, max_new_tokens=24, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    batched = tiny_engine.generate(requests)
+    for r, request in zip(batched, requests):
+        expected = greedy_reference(hf_model, r.prompt_token_ids, 24, eos=set())
+        assert r.output_token_ids == expected, request.prompt
+        single = tiny_engine.generate([request])[0]
+        assert single.output_token_ids == expected
+        ref_lp = reference_logprobs(hf_model, r.prompt_token_ids, r.output_token_ids, 0.0)
+        assert torch.allclose(torch.tensor(r.logprobs), ref_lp, atol=1e-4, rtol=0)
+
+
+def test_sampled_logprobs_match_trainer_recompute(tiny_engine, hf_model):
+    for temperature in (1.0, 0.7):
+        requests = [req(i, p, temperature=temperature, top_p=0.9, max_new_tokens=16, seed=i) for i, p in enumerate(PROMPTS)]
+        for r in tiny_engine.generate(requests):
+            ref_lp = reference_logprobs(hf_model, r.prompt_token_ids, r.output_token_ids, temperature)
+            assert torch.allclose(torch.tensor(r.logprobs), ref_lp, atol=1e-4, rtol=0)
+
+
+def test_same_seed_same_output_whatever_the_batch(tiny_engine):
+    target = req(0, "The quick brown fox", temperature=1.0, max_new_tokens=20, seed=1234)
+    alone = tiny_engine.generate([target])[0]
+    neighbours = [req(i, p, temperature=0.8, top_k=5, top_p=0.5, max_new_tokens=7 + i) for i, p in enumerate(PROMPTS, start=1)]
+    crowded = next(r for r in tiny_engine.generate(neighbours[:3] + [target] + neighbours[3:]) if r.request_id == "r0")
+    assert crowded.output_token_ids == alone.output_token_ids
+    other_seed = tiny_engine.generate([req(0, "The quick brown fox", temperature=1.0, max_new_tokens=20, seed=4321)])[0]
+    assert other_seed.output_token_ids != alone.output_token_ids
+
+
+def test_n_samples_are_distinct_and_complete(tiny_engine):
+    results = tiny_engine.generate([req(0, "Hello", temperature=1.0, n=5, max_new_tokens=12, seed=7, ignore_eos=True)])
+    assert [r.sample_index for r in results] == [0, 1, 2, 3, 4]
+    assert all(len(r.output_token_ids) == 12 and r.finish_reason == "length" for r in results)
+    assert len({tuple(r.output_token_ids) for r in results}) == 5
+
+
+def test_top_k_one_is_greedy_and_top_p_restricts_support(tiny_engine, hf_model):
+    greedy = tiny_engine.generate([req(0, "Once upon", temperature=0.0, max_new_tokens=10, ignore_eos=True)])[0]
+    topk1 = tiny_engine.generate([req(0, "Once upon", temperature=1.5, top_k=1, max_new_tokens=10, seed=3, ignore_eos=True)])[0]
+    assert topk1.output_token_ids == greedy.output_token_ids
+    r = tiny_engine.generate([req(0, "Once upon", temperature=1.0, top_p=0.3, max_new_tokens=10, seed=5, ignore_eos=True)])[0]
+    ids = r.prompt_token_ids
+    for tok in r.output_token_ids:
+        probs = torch.softmax(hf_model(torch.tensor([ids])).logits[0, -1].float(), -1)
+        sorted_p, order = probs.sort(descending=True)
+        nucleus = order[: int(((sorted_p.cumsum(0) - sorted_p) < 0.3).sum())].tolist()
+        assert tok in nucleus
+        ids = ids + [tok]
+
+
+def test_stop_conditions(tiny_engine):
+    base = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=20, ignore_eos=True)])[0]
+    out = base.output_token_ids
+    stop_id = out[5]
+    r = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=20, stop_token_ids=[stop_id], ignore_eos=True)])[0]
+    assert r.output_token_ids == out[: out.index(stop_id) + 1] and r.finish_reason == "stop"
+    # a stop string taken from the middle of the greedy text: the text is cut before it
+    stop_text = tiny_engine.tokenizer.decode(out[6:8])
+    assert stop_text.strip(), "pick a stop string with visible text"
+    r = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=20, stop=[stop_text], ignore_eos=True)])[0]
+    assert r.finish_reason == "stop" and stop_text not in r.text and len(r.output_token_ids) <= 8
+    assert base.text.startswith(r.text)
+    r = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=3, ignore_eos=True)])[0]
+    assert r.output_token_ids == out[:3] and r.finish_reason == "length"
+    # EOS: make the engine treat the 4th greedy token as EOS; ignore_eos overrides it
+    eos = tiny_engine.eos_token_ids
+    tiny_engine.eos_token_ids = frozenset({out[3]})
+    try:
+        r = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=20)])[0]
+        assert r.output_token_ids == out[: out.index(out[3]) + 1] and r.finish_reason == "stop"
+        r = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=20, ignore_eos=True)])[0]
+        assert r.output_token_ids == out
+    finally:
+        tiny_engine.eos_token_ids = eos
+
+
+def test_continuous_batching_more_samples_than_slots(tiny_engine, hf_model):
+    # 8 slots, 20 samples of different lengths: samples join as others leave; greedy stays exact
+    requests = [req(i, PROMPTS[i % len(PROMPTS)], temperature=0.0, max_new_tokens=3 + 2 * i, ignore_eos=True) for i in range(20)]
+    for r in tiny_engine.generate(requests):
+        n = 3 + 2 * int(r.request_id[1:])
+        assert r.output_token_ids == greedy_reference(hf_model, r.prompt_token_ids, n, eos=set())
+
+
+def test_prompt_forms_and_bad_requests_become_error_results(tiny_engine):
+    text = tiny_engine.generate([req(0, "Hello", temperature=0.0, max_new_tokens=4)])[0]
+    ids = tiny_engine.generate([RolloutRequest(id="t", prompt_token_ids=text.prompt_token_ids, sampling=SamplingParams(temperature=0.0, max_new_tokens=4))])[0]
+    assert ids.output_token_ids == text.output_token_ids
+    chat = tiny_engine.generate([RolloutRequest(id="c", messages=[ChatMessage("user", "Hi")], sampling=SamplingParams(max_new_tokens=4))])[0]
+    assert tiny_engine.tokenizer.decode(chat.prompt_token_ids).startswith("<|im_start|>")
+    bad = [
+        RolloutRequest(id="big", prompt_token_ids=[10**9]),
+        RolloutRequest(id="long", prompt_token_ids=[5] * 300, sampling=SamplingParams(n=2)),
+        RolloutRequest(id="future", prompt="hi", min_policy_version=99),
+        RolloutRequest(id="empty", prompt=""),
+    ]
+    results = tiny_engine.generate(bad + [req(1, "Hello", temperature=0.0, max_new_tokens=4)])
+    errors = [r for r in results if r.finish_reason == "error"]
+    assert sorted(r.request_id for r in errors) == ["big", "empty", "future", "long", "long"]
+    assert all(r.error for r in errors)
+    assert results[-1].output_token_ids == text.output_token_ids
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=-1)
+
+
+def test_weight_update_changes_output_and_bad_update_is_rejected(tiny_engine, tiny_dir, tmp_path):
+    from conftest import build_tiny_checkpoint
+
+    prompt = [req(0, "Once upon a time", temperature=0.0, max_new_tokens=12, ignore_eos=True)]
+    before = tiny_engine.generate(prompt)[0]
+    original = read_state_dict(tiny_dir)
+    new_dir = tmp_path / "v1"
+    build_tiny_checkpoint(new_dir, "llama", seed=1)
+    try:
+        params_before = [p.data_ptr() for p in tiny_engine.decoder.parameters()]
+        tiny_engine.update_weights(new_dir, version=1)
+        assert [p.data_ptr() for p in tiny_engine.decoder.parameters()] == params_before  # in place
+        after = tiny_engine.generate(prompt)[0]
+        assert after.policy_version == 1 and after.output_token_ids != before.output_token_ids
+
+        bad_shape = dict(original)
+        bad_shape["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+        missing = {k: v for k, v in original.items() if "layers.1." not in k}
+        nan = dict(original)
+        nan["model.norm.weight"] = torch.full_like(original["model.norm.weight"], float("nan"))
+        for bad, match in ((bad_shape, "shape"), (missing, "missing"), (nan, "non-finite"), ({**original, "extra.weight": torch.ones(1)}, "unexpected")):
+            with pytest.raises(WeightError, match=match):
+                tiny_engine.update_weights(bad, version=2)
+            still = tiny_engine.generate(prompt)[0]
+            assert still.policy_version == 1 and still.output_token_ids == after.output_token_ids
+    finally:
+        tiny_engine.update_weights(original, version=0)
+    assert tiny_engine.generate(prompt)[0].output_token_ids == before.output_token_ids
