@@ -61,3 +61,4 @@ def load_weights(decoder: Decoder, state: dict[str, torch.Tensor], source: str) 
     with torch.no_grad():
         for name, view in views.items():
             view.copy_(state[name])
+    decoder.pack_weights()
