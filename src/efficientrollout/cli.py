@@ -22,11 +22,12 @@ DEMO_PROMPTS = [
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=EngineConfig.model, help="'smollm2' (bundled) or a local HF model directory")
+    defaults = EngineConfig()
+    p.add_argument("--model", default=defaults.model, help="'smollm2' (bundled) or a local HF model directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size)
-    p.add_argument("--max-seq-len", type=int, default=EngineConfig.max_seq_len)
+    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    p.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -44,8 +44,12 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         w = self.weight
-        usable = w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1) if usable else None
+        self.packed = None
+        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+            try:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            except RuntimeError:  # e.g. bf16 on a CPU without AVX512: keep the default GEMM
+                pass
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is None:
