@@ -8,6 +8,9 @@ import torch
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.models.checkpoint import bundled_model_dir
+from efficientrollout.speculation import SpeculationConfig
+
+PLAIN = SpeculationConfig(mode="plain")
 
 torch.set_num_threads(2)
 
@@ -46,9 +49,9 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_dir):
-    return NativeEngine(EngineConfig(model=str(tiny_dir), dtype="float32", max_batch_size=8, max_seq_len=256))
+    return NativeEngine(EngineConfig(model=str(tiny_dir), dtype="float32", max_batch_size=8, max_seq_len=256, speculation=PLAIN))
 
 
 @pytest.fixture(scope="session")
 def smollm2_engine():
-    return NativeEngine(EngineConfig(dtype="float32", max_batch_size=8, max_seq_len=512))
+    return NativeEngine(EngineConfig(dtype="float32", max_batch_size=8, max_seq_len=512, speculation=PLAIN))

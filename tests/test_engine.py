@@ -165,7 +165,9 @@ def test_bf16_logprobs_close_to_a_bf16_recompute(tiny_dir):
     make logits larger, hence errors larger, than a trained model's)."""
     from efficientrollout.engines.native import EngineConfig, NativeEngine
 
-    engine = NativeEngine(EngineConfig(model=str(tiny_dir), dtype="bfloat16", max_batch_size=8, max_seq_len=128))
+    from conftest import PLAIN
+
+    engine = NativeEngine(EngineConfig(model=str(tiny_dir), dtype="bfloat16", max_batch_size=8, max_seq_len=128, speculation=PLAIN))
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
     gaps = []
     for r in engine.generate([req(i, p, temperature=1.0, max_new_tokens=16, seed=i, ignore_eos=True) for i, p in enumerate(PROMPTS)]):

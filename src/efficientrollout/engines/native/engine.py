@@ -13,15 +13,17 @@ import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ...models import DEFAULT_MODEL, CheckpointError, load_model, load_weights, read_state_dict
 from ...protocol import FINISH_ERROR, RolloutRequest, RolloutResult, SpeculationStats, Timings
+from ...speculation import Drafter, SpeculationConfig, SpeculationGate, StepRecord
 from .runner import ModelRunner
 from .sampler import SamplingBatch, derive_seed, sample, seeded_uniform
 from .sequence import Sequence
+from .speculative import speculative_step
 
 
 @dataclass(slots=True)
@@ -32,6 +34,7 @@ class EngineConfig:
     max_batch_size: int = 64
     max_seq_len: int = 2048
     max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -73,6 +76,35 @@ class NativeEngine:
         self.version = 0
         self.engine_id = engine_id or f"native-{socket.gethostname()}-{os.getpid()}"
         self._generating = False
+        self.gate = SpeculationGate(config.speculation)
+        self.drafter: Drafter | None = None
+        self.trace: list[StepRecord] = []  # the last wave's steps
+        if config.speculation.mode != "plain":
+            self.drafter = Drafter(self.decoder, kernel="none" if config.speculation.drafter == "exact" else None)
+            if config.speculation.probe:
+                self.probe()
+
+    def probe(self, batches: tuple[int, ...] = (1, 4, 16)) -> float:
+        """Seed the gate's cost tables: time target forwards of 1 and 4 tokens per row and a
+        drafter step at a few batch sizes (a few seconds; cache slots are free between waves)."""
+        assert not self._generating and self.drafter is not None
+        t0 = time.perf_counter()
+        for b in (b for b in batches if b <= self.config.max_batch_size):
+            for width in (1, 4):
+                tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
+                positions = torch.arange(width, device=self.device).expand(b, width)
+                for decoder, observe in ((self.decoder, self.gate.observe_target), (self.drafter.decoder, self.gate.observe_draft)):
+                    if decoder is self.drafter.decoder and width > 1:
+                        continue
+                    best = min(self._timed(self.runner.forward, tokens, positions, width, decoder) for _ in range(2))
+                    observe(b * width if decoder is self.decoder else b, best)
+        return time.perf_counter() - t0
+
+    @staticmethod
+    def _timed(fn, *args) -> float:
+        t0 = time.perf_counter()
+        fn(*args)
+        return time.perf_counter() - t0
 
     @property
     def decoder(self):
@@ -96,6 +128,8 @@ class NativeEngine:
         else:
             state, source = read_state_dict(weights), str(weights)
         load_weights(self.decoder, dict(state), source)
+        if self.drafter is not None:
+            self.drafter.requantize()  # the drafter follows the live weights
         self.version = version
         return time.perf_counter() - t0
 
@@ -121,11 +155,14 @@ class NativeEngine:
                 except PromptError as exc:
                     yield from (self._error_result(request, i, str(exc)) for i in range(request.sampling.n))
             running: list[Sequence] = []
+            self.trace, self._wave_t0 = [], time.perf_counter()
+            self.gate.start_wave()
             while waiting or running:
                 if waiting and len(running) < self.config.max_batch_size:
                     yield from self._admit(waiting, running)
                 if running:
-                    yield from self._decode_step(running)
+                    yield from self._decode_step(running, wave_filled=not waiting)
+            self.gate.end_wave()
         finally:
             self._generating = False
 
@@ -180,25 +217,62 @@ class NativeEngine:
             for s in group:
                 s.t_admitted, s.prefill_s = t0, elapsed
 
-    def _decode_step(self, running: list[Sequence]) -> Iterator[RolloutResult]:
-        logits = self.runner.decode([s.output_ids[-1] for s in running], [s.last_position for s in running])
-        yield from self._sample_and_retire(logits, running, list(range(len(running))))
+    def _decode_step(self, running: list[Sequence], wave_filled: bool) -> Iterator[RolloutResult]:
+        """One step for every running sample: plain, or speculative with the gate's K."""
+        b = len(running)
+        # K+1 positions must fit the cache; a step never needs to emit more than any row has left
+        room = self.config.max_seq_len - 1 - max(s.last_position for s in running)
+        left = max(s.params.max_new_tokens - len(s.output_ids) for s in running)
+        k = self.gate.choose(b, wave_filled, min(room, left - 1)) if self.drafter is not None else 0
+        t0 = time.perf_counter()
+        if k == 0:
+            logits = self.runner.decode([s.output_ids[-1] for s in running], [s.last_position for s in running])
+            retired = list(self._sample_and_retire(logits, running, list(range(b))))
+            seconds = time.perf_counter() - t0
+            self.gate.observe_target(b, seconds)
+            self.trace.append(StepRecord(t0 - self._wave_t0, b, 0, 0, 0, b, seconds))
+            yield from retired
+            return
+        params = self._sampling_batch(running)
+        out = speculative_step(
+            self.runner, self.drafter.decoder, [s.output_ids[-1] for s in running], [s.last_position for s in running],
+            [s.seed for s in running], params, k,
+        )
+        self.gate.observe_draft(b, out.draft_s / k)
+        self.gate.observe_target(b * (k + 1), out.verify_s)
+        self.gate.observe_acceptance(b, k, sum(out.n_accepted), sum(1 for n in out.n_accepted if n < k))
+        emitted = 0
+        for s, n, tokens, lps in zip(running, out.n_accepted, out.emitted, out.logprobs):
+            s.drafted += k
+            s.accepted += n
+            for tok, lp in zip(tokens, lps):
+                emitted += 1
+                if s.append(tok, lp, self.eos_token_ids, self.tokenizer):
+                    break
+        seconds = time.perf_counter() - t0
+        self.trace.append(StepRecord(t0 - self._wave_t0, b, k, b * k, sum(out.n_accepted), emitted, seconds))
+        yield from self._retire(running)
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        return SamplingBatch.build(
+            [s.params.temperature for s in seqs], [s.params.top_p for s in seqs], [s.params.top_k for s in seqs], self.device
+        )
 
     def _sample_and_retire(self, logits: torch.Tensor, running: list[Sequence], slots: list[int]) -> Iterator[RolloutResult]:
         """Pick one token for running[slot] per logits row, then retire finished samples."""
         seqs = [running[i] for i in slots]
-        params = SamplingBatch.build(
-            [s.params.temperature for s in seqs], [s.params.top_p for s in seqs], [s.params.top_k for s in seqs], logits.device
-        )
         uniforms = torch.from_numpy(seeded_uniform([s.seed for s in seqs], [s.num_tokens for s in seqs]))
-        tokens, logprobs = sample(logits, params, uniforms.to(logits.device))
+        tokens, logprobs = sample(logits, self._sampling_batch(seqs), uniforms.to(logits.device))
         now = time.perf_counter()
         for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
             if not s.output_ids:
                 s.t_first_token = now
             s.append(tok, lp, self.eos_token_ids, self.tokenizer)
-        # Retire from the highest slot down, filling each hole with the last running sample,
-        # so running samples always occupy cache slots 0..b-1.
+        yield from self._retire(running)
+
+    def _retire(self, running: list[Sequence]) -> Iterator[RolloutResult]:
+        """Yield finished samples' results. Retire from the highest slot down, filling each hole
+        with the last running sample, so running samples always occupy cache slots 0..b-1."""
         for i in range(len(running) - 1, -1, -1):
             if running[i].finish_reason is None:
                 continue

@@ -41,8 +41,14 @@ class ModelRunner:
         """One token per running slot 0..b-1 at its position; logits [b, V] for the next one."""
         tok = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
-        hidden = self.decoder(tok, pos, self.cache, kv_len=max(positions) + 1)
-        return self.decoder.logits(hidden[:, 0])
+        return self.forward(tok, pos, max(positions) + 1)[:, 0]
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, positions: Tensor, kv_len: int, decoder: Decoder | None = None) -> Tensor:
+        """tokens/positions [b, T] for slots 0..b-1 → logits [b, T, V]. `decoder` may be the
+        drafter, which shares this cache."""
+        decoder = decoder or self.decoder
+        return decoder.logits(decoder(tokens, positions, self.cache, kv_len=kv_len))
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)

@@ -1,0 +1,82 @@
+"""One speculative decode step for slots 0..b-1: K drafter steps over the shared KV cache, one
+target forward over the K+1 positions, lossless acceptance. Tensor work only; the engine does
+the bookkeeping. Uniforms are keyed by (sample seed, token position, stream) so seeded runs
+repeat: stream 1 = draft token, 2 = acceptance test, 3 = correction / bonus token."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...speculation.verify import verify
+from .runner import ModelRunner
+from .sampler import SamplingBatch, filtered_probs, inverse_cdf, scaled_logprobs, seeded_uniform
+
+
+@dataclass(slots=True)
+class SpecOutcome:
+    n_accepted: list[int]  # per row
+    emitted: list[list[int]]  # per row: n_accepted + 1 tokens
+    logprobs: list[list[float]]  # the target's log-probs of the emitted tokens
+    draft_s: float  # seconds for all K drafter steps
+    verify_s: float
+
+
+def _uniforms(seeds: list[int], positions: Tensor, stream: int) -> Tensor:
+    """positions [b, T] → uniforms [b, T] (float64, on positions' device)."""
+    b, T = positions.shape
+    u = seeded_uniform([s for s in seeds for _ in range(T)], positions.reshape(-1).tolist(), stream)
+    return torch.from_numpy(u).view(b, T).to(positions.device)
+
+
+def _repeat(params: SamplingBatch, times: int) -> SamplingBatch:
+    """Row i's parameters for each of its `times` positions (row-major)."""
+    return SamplingBatch(
+        params.temperature.repeat_interleave(times), params.top_p.repeat_interleave(times),
+        params.top_k.repeat_interleave(times), params.any_sampled, params.any_filtered,
+    )
+
+
+@torch.inference_mode()
+def speculative_step(
+    runner: ModelRunner, drafter, last_tokens: list[int], last_positions: list[int], seeds: list[int], params: SamplingBatch, k: int
+) -> SpecOutcome:
+    dev, b, sampled = runner.device, len(last_tokens), params.any_sampled
+    greedy = params.temperature == 0
+    last = torch.tensor(last_tokens, device=dev)
+    positions = torch.tensor(last_positions, device=dev)[:, None] + torch.arange(k + 1, device=dev)  # [b, K+1]
+    kv_len = max(last_positions) + k + 1
+
+    t0 = time.perf_counter()
+    draft_u = _uniforms(seeds, positions[:, 1:], 1) if sampled else None
+    cur, drafts, draft_probs = last, [], []
+    for i in range(k):
+        logits = runner.forward(cur[:, None], positions[:, i : i + 1], kv_len, decoder=drafter)[:, 0]
+        cur = logits.argmax(-1)
+        if sampled:
+            probs = filtered_probs(scaled_logprobs(logits, params.temperature), params)
+            cur = torch.where(greedy, cur, inverse_cdf(probs, draft_u[:, i]))
+            draft_probs.append(probs)
+        drafts.append(cur)
+    drafts_t = torch.stack(drafts, dim=1)  # [b, K]
+    t1 = time.perf_counter()
+
+    logits = runner.forward(torch.cat((last[:, None], drafts_t), dim=1), positions, kv_len)  # [b, K+1, V]
+    V = logits.shape[-1]
+    flat = _repeat(params, k + 1)
+    logprobs = scaled_logprobs(logits.view(-1, V), flat.temperature)  # [b*(K+1), V]
+    if sampled:
+        n, emitted = verify(
+            drafts_t, torch.stack(draft_probs, dim=1), filtered_probs(logprobs, flat).view(b, k + 1, V),
+            logits.argmax(-1), greedy, _uniforms(seeds, positions[:, 1:], 2), _uniforms(seeds, positions + 1, 3),
+        )
+    else:
+        zeros = torch.zeros(b, k + 1, device=dev)
+        n, emitted = verify(drafts_t, None, None, logits.argmax(-1), greedy, zeros[:, :k], zeros)
+    lp = logprobs.view(b, k + 1, V).gather(-1, emitted[..., None]).squeeze(-1)  # [b, K+1]
+    n_list, em, lps = n.tolist(), emitted.tolist(), lp.tolist()
+    t2 = time.perf_counter()
+    return SpecOutcome(n_list, [em[i][: n_list[i] + 1] for i in range(b)], [lps[i][: n_list[i] + 1] for i in range(b)], t1 - t0, t2 - t1)

@@ -1,0 +1,174 @@
+"""When to speculate and how far: an online cost model and the per-step gate.
+
+Predicted time per emitted token (per row) of a step with draft length K at batch size b:
+
+    K = 0:  T_t(b)
+    K > 0:  (K * T_d(b) + T_t(b * (K + 1))) / L(alpha, K),   L = (1 - alpha^(K+1)) / (1 - alpha)
+
+T_t(n) is the target's forward time for n tokens (a verify of b rows × K+1 positions is a
+forward over b(K+1) tokens), T_d(b) one drafter step. Both are EMAs the engine measures on
+every step, keyed by power-of-two token buckets and seeded by a start-up probe; alpha is the
+running per-token acceptance rate. No offline calibration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MODES = ("plain", "always", "toggle-ladder", "adaptive")
+
+
+@dataclass(slots=True)
+class SpeculationConfig:
+    mode: str = "adaptive"  # plain | always (fixed k) | toggle-ladder (the paper's policy) | adaptive (ours)
+    k: int = 4  # draft length for "always"
+    k_max: int = 8  # adaptive searches 0..k_max
+    drafter: str = "int8"  # int8 (torchao, the default) | exact (unquantized copy: accepts everything; tests)
+    probe: bool = True  # seed the cost model with a short start-up probe
+    hysteresis: float = 0.05  # switch K only if the prediction improves by more than this
+    explore_every: int = 16  # every N steps try a neighbouring K, so stale estimates refresh
+    ladder: tuple[int, ...] = (5, 7, 9, 11)  # toggle-ladder's draft lengths
+    ladder_up: float = 0.94  # move up the ladder at wave acceptance >= this
+    ladder_down: float = 0.85  # move down at <= this
+    toggle_speedup: float = 1.05  # toggle-ladder turns on once predicted speed-up exceeds this
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"speculation mode must be one of {MODES}, got {self.mode!r}")
+        if self.drafter not in ("int8", "exact"):
+            raise ValueError(f"drafter must be int8 or exact, got {self.drafter!r}")
+        if not 1 <= self.k <= 32 or not 1 <= self.k_max <= 32:
+            raise ValueError("k and k_max must be in 1..32")
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens emitted per row by a step drafting k tokens at acceptance rate alpha."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, round(math.log2(max(n, 1))))
+
+
+class CostTable:
+    """Seconds per forward, as EMAs per power-of-two bucket of n, interpolated between buckets."""
+
+    def __init__(self, decay: float = 0.8):
+        self.decay = decay
+        self.ema: dict[int, float] = {}
+
+    def observe(self, n: int, seconds: float) -> None:
+        b = _bucket(n)
+        old = self.ema.get(b)
+        self.ema[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def predict(self, n: int) -> float | None:
+        if not self.ema:
+            return None
+        known = sorted(self.ema)
+        if n <= known[0]:
+            return self.ema[known[0]] * (1.0 if n == known[0] else max(n / known[0], 0.5))
+        if n >= known[-1]:  # extrapolate linearly in n from the largest bucket (compute-bound side)
+            return self.ema[known[-1]] * n / known[-1]
+        hi = next(k for k in known if k >= n)
+        lo = max(k for k in known if k <= n)
+        if hi == lo:
+            return self.ema[lo]
+        w = (n - lo) / (hi - lo)
+        return (1 - w) * self.ema[lo] + w * self.ema[hi]
+
+
+class SpeculationGate:
+    """Chooses K for each decode step according to the configured mode."""
+
+    def __init__(self, config: SpeculationConfig):
+        self.config = config
+        self.target = CostTable()
+        self.draft = CostTable()
+        self.alpha = 0.8  # prior until the first verify
+        self.current_k = 0
+        self.steps = 0
+        self.ladder_index = 0
+        self.toggled_on = False
+        self.wave_drafted = 0
+        self.wave_accepted = 0
+
+    # ---- measurements --------------------------------------------------------------------
+
+    def observe_target(self, n_tokens: int, seconds: float) -> None:
+        self.target.observe(n_tokens, seconds)
+
+    def observe_draft(self, batch: int, seconds: float) -> None:
+        self.draft.observe(batch, seconds)
+
+    def observe_acceptance(self, rows: int, k: int, accepted: int, rejected_rows: int) -> None:
+        """Geometric model: each row saw `n` accepts then (if n < k) one rejection."""
+        if rows == 0 or k == 0:
+            return
+        estimate = accepted / max(accepted + rejected_rows, 1)
+        weight = min(0.5, rows * k / 64)
+        self.alpha = (1 - weight) * self.alpha + weight * estimate
+        self.wave_drafted += rows * k
+        self.wave_accepted += accepted
+
+    # ---- decisions -----------------------------------------------------------------------
+
+    def predicted_cost(self, batch: int, k: int) -> float | None:
+        """Predicted seconds per emitted token per row; None while a needed cost is unknown."""
+        t = self.target.predict(batch * (k + 1))
+        if k == 0:
+            return t
+        d = self.draft.predict(batch)
+        if t is None or d is None:
+            return None
+        return (k * d + t) / expected_tokens(self.alpha, k)
+
+    def best_k(self, batch: int, k_max: int) -> int:
+        costs = {k: self.predicted_cost(batch, k) for k in range(k_max + 1)}
+        known = {k: c for k, c in costs.items() if c is not None}
+        return min(known, key=known.get) if known else 0
+
+    def start_wave(self) -> None:
+        self.toggled_on = False
+        self.wave_drafted = self.wave_accepted = 0
+
+    def end_wave(self) -> None:
+        """toggle-ladder moves along its ladder between waves, by the wave's acceptance."""
+        if self.config.mode != "toggle-ladder" or self.wave_drafted == 0:
+            return
+        rate = self.wave_accepted / self.wave_drafted
+        if rate >= self.config.ladder_up:
+            self.ladder_index = min(self.ladder_index + 1, len(self.config.ladder) - 1)
+        elif rate <= self.config.ladder_down:
+            self.ladder_index = max(self.ladder_index - 1, 0)
+
+    def choose(self, batch: int, wave_filled: bool, k_cap: int) -> int:
+        """Draft length for the next step (0 = plain). k_cap bounds K (context, token budgets)."""
+        cfg = self.config
+        self.steps += 1
+        if cfg.mode == "plain" or k_cap <= 0:
+            return 0
+        if cfg.mode == "always":
+            return min(cfg.k, k_cap)
+        if cfg.mode == "toggle-ladder":
+            k = cfg.ladder[self.ladder_index]
+            if not self.toggled_on and wave_filled:
+                plain, spec = self.predicted_cost(batch, 0), self.predicted_cost(batch, k)
+                self.toggled_on = plain is not None and spec is not None and plain / spec > cfg.toggle_speedup
+            return min(k, k_cap) if self.toggled_on else 0
+        # adaptive
+        k_max = min(cfg.k_max, k_cap)
+        best = self.best_k(batch, k_max)
+        current = min(self.current_k, k_max)
+        cur_cost, best_cost = self.predicted_cost(batch, current), self.predicted_cost(batch, best)
+        if cur_cost is not None and best_cost is not None and cur_cost <= best_cost * (1 + cfg.hysteresis):
+            best = current
+        self.current_k = best
+        if cfg.explore_every and self.steps % cfg.explore_every == 0:
+            # alternate below/above the choice; from K=0 look at a short draft
+            step = -1 if (self.steps // cfg.explore_every) % 2 else 1
+            return max(0, min(k_max, best + step if best > 0 else 2))
+        return best
