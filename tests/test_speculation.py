@@ -1,0 +1,167 @@
+"""Speculation is lossless: greedy token identity with plain decoding (fp32), exact sampling
+distribution (probability-integral-transform test with a deliberately poor drafter), full
+acceptance for an unquantized drafter, and a drafter that follows weight updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_checkpoint
+from transformers import AutoModelForCausalLM
+
+from efficientrollout.engines.native import EngineConfig, NativeEngine
+from efficientrollout.protocol import RolloutRequest, SamplingParams
+from efficientrollout.speculation import SpeculationConfig
+from efficientrollout.speculation.verify import verify
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3 4", "What is the capital of France?", "a",
+           "Once upon a time in a land far away, there lived", "def main():", "Roses are red"]
+
+
+def engine(tiny_dir, **spec) -> NativeEngine:
+    return NativeEngine(EngineConfig(model=str(tiny_dir), dtype="float32", max_batch_size=8, max_seq_len=256,
+                                     speculation=SpeculationConfig(**spec)))
+
+
+@pytest.fixture(scope="module")
+def spec_engines(tiny_dir, tiny_engine):
+    return {
+        "always": engine(tiny_dir, mode="always", k=8),
+        "adaptive": engine(tiny_dir, mode="adaptive", k_max=8, explore_every=3),
+        "toggle-ladder": engine(tiny_dir, mode="toggle-ladder", toggle_speedup=0.0),  # always toggles on
+    }
+
+
+def req(i, prompt, **sampling) -> RolloutRequest:
+    return RolloutRequest(id=f"r{i}", prompt=prompt, sampling=SamplingParams(**sampling))
+
+
+@pytest.mark.parametrize("mode", ["always", "adaptive", "toggle-ladder"])
+def test_greedy_identical_to_plain(tiny_engine, spec_engines, mode):
+    spec = spec_engines[mode]
+    # batch mixes: all together (more samples than slots), alone, and in pairs
+    requests = [req(i, PROMPTS[i % len(PROMPTS)], temperature=0.0, max_new_tokens=5 + 7 * i, ignore_eos=True) for i in range(12)]
+    plain = tiny_engine.generate(requests)
+    assert [r.output_token_ids for r in spec.generate(requests)] == [r.output_token_ids for r in plain]
+    for i in (0, 5, 11):
+        assert spec.generate([requests[i]])[0].output_token_ids == plain[i].output_token_ids
+    for got, want in zip(spec.generate(requests[:2]), plain[:2]):
+        assert np.allclose(got.logprobs, want.logprobs, atol=1e-4)
+    assert sum(s.k > 0 for s in spec.trace) > 0, "the test must exercise speculative steps"
+
+
+def test_stops_inside_an_accepted_draft_match_plain(tiny_engine, tiny_dir):
+    spec = engine(tiny_dir, mode="always", k=8, drafter="exact")  # every draft accepted: stops land inside drafts
+    base = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=30, ignore_eos=True)])[0]
+    out = base.output_token_ids
+    cases = [
+        dict(stop_token_ids=[out[5]]),
+        dict(stop=[tiny_engine.tokenizer.decode(out[6:8])]),
+        dict(max_new_tokens=7),  # cuts a K=8 draft
+        dict(max_new_tokens=10),
+    ]
+    for extra in cases:
+        params = {"temperature": 0.0, "max_new_tokens": 30, "ignore_eos": True, **extra}
+        want, got = (e.generate([req(0, "Hello there", **params)])[0] for e in (tiny_engine, spec))
+        assert (got.output_token_ids, got.text, got.finish_reason) == (want.output_token_ids, want.text, want.finish_reason), extra
+        assert len(got.output_token_ids) < 30
+    eos = (tiny_engine.eos_token_ids, spec.eos_token_ids)
+    tiny_engine.eos_token_ids = spec.eos_token_ids = frozenset({out[4]})
+    try:
+        want, got = (e.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=30)])[0] for e in (tiny_engine, spec))
+        assert got.output_token_ids == want.output_token_ids and got.finish_reason == "stop"
+    finally:
+        tiny_engine.eos_token_ids, spec.eos_token_ids = eos
+
+
+def test_unquantized_drafter_accepts_every_token(tiny_dir):
+    spec = engine(tiny_dir, mode="always", k=4, drafter="exact")
+    for temperature in (0.0, 1.0):
+        results = spec.generate([req(i, p, temperature=temperature, max_new_tokens=21, seed=i, ignore_eos=True) for i, p in enumerate(PROMPTS)])
+        drafted, accepted = sum(r.speculation.drafted for r in results), sum(r.speculation.accepted for r in results)
+        assert drafted > 0 and accepted == drafted
+
+
+def _ks_uniform(values: np.ndarray) -> float:
+    """Kolmogorov-Smirnov distance of the sample from Uniform(0, 1)."""
+    x = np.sort(values)
+    n = len(x)
+    return float(max((np.arange(1, n + 1) / n - x).max(), (x - np.arange(n) / n).max()))
+
+
+def _pit(probs: torch.Tensor, tokens: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """Randomised probability integral transform: Uniform(0,1) iff tokens ~ probs (rows)."""
+    cdf = probs.double().cumsum(-1)
+    upper = cdf.gather(-1, tokens[:, None]).squeeze(-1).numpy()
+    p = probs.double().gather(-1, tokens[:, None]).squeeze(-1).numpy()
+    return upper - p + rng.random(len(p)) * p
+
+
+def test_verify_is_distribution_exact_and_a_biased_verifier_is_caught():
+    torch.manual_seed(0)
+    V, K, n = 6, 3, 6000
+    p_t = torch.softmax(torch.randn(K + 1, V) * 1.5, -1)
+    p_d = torch.softmax(torch.randn(K, V) * 1.5, -1)  # a poor drafter
+    rng = np.random.default_rng(0)
+    drafts = torch.multinomial(p_d.repeat(n, 1), 1).view(n, K)
+    args = (drafts, p_d.expand(n, K, V), p_t.expand(n, K + 1, V), p_t.argmax(-1).expand(n, K + 1),
+            torch.zeros(n, dtype=torch.bool), torch.from_numpy(rng.random((n, K))), torch.from_numpy(rng.random((n, K + 1))))
+    n_acc, emitted = verify(*args)
+    assert 0 < n_acc.float().mean() < K
+    # every emitted position j (for rows that reached it) must be distributed as p_t[j]
+    for j in range(K + 1):
+        reached = n_acc >= j
+        pit = _pit(p_t[j].expand(int(reached.sum()), V), emitted[reached, j], rng)
+        assert _ks_uniform(pit) < 1.95 / np.sqrt(len(pit)), j  # p = 0.001
+    # the same check catches a verifier that keeps every draft (i.e. samples the drafter)
+    pit = _pit(p_t[0].expand(n, V), drafts[:, 0], rng)
+    assert _ks_uniform(pit) > 1.95 / np.sqrt(n)
+
+
+def test_engine_sampling_follows_the_target_with_a_poor_drafter(tiny_dir):
+    spec = engine(tiny_dir, mode="always", k=3, drafter="exact")
+    torch.manual_seed(1)
+    for q in spec.drafter.linears:  # make the drafter deliberately poor
+        q.weight = q.weight + torch.randn_like(q.weight) * 0.01
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    results = spec.generate([req(0, "The quick brown fox", temperature=1.0, top_k=50, max_new_tokens=5, n=400, seed=123, ignore_eos=True)])
+    assert 0.1 < sum(r.speculation.accepted for r in results) / sum(r.speculation.drafted for r in results) < 0.9
+    rng = np.random.default_rng(0)
+    pits, drafter_pits = [], []
+    with torch.no_grad():
+        prompt = results[0].prompt_token_ids
+        ids = torch.tensor([prompt + r.output_token_ids for r in results])
+        logits = hf(ids).logits[:, len(prompt) - 1 : -1].float()  # [n, 5, V]
+    for pos in range(1, 5):  # tokens after the first come from speculative steps
+        probs = torch.softmax(logits[:, pos], -1)
+        top = probs.topk(50, dim=-1)
+        filtered = torch.zeros_like(probs).scatter_(-1, top.indices, top.values)
+        filtered /= filtered.sum(-1, keepdim=True)
+        pits.append(_pit(filtered, ids[:, len(prompt) + pos], rng))
+        drafter_pits.append(_pit(filtered.roll(1, dims=-1), ids[:, len(prompt) + pos], rng))
+    pits = np.concatenate(pits)
+    assert _ks_uniform(pits) < 1.95 / np.sqrt(len(pits))
+    assert _ks_uniform(np.concatenate(drafter_pits)) > 1.95 / np.sqrt(len(pits))  # the statistic has power
+
+
+def test_drafter_follows_weight_updates(tiny_dir, tmp_path):
+    spec = engine(tiny_dir, mode="always", k=4)
+    requests = [req(i, p, temperature=0.0, max_new_tokens=24, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+
+    def acceptance() -> float:
+        results = spec.generate(requests)
+        return sum(r.speculation.accepted for r in results) / sum(r.speculation.drafted for r in results)
+
+    before = acceptance()
+    build_tiny_checkpoint(tmp_path, "llama", seed=7)
+    spec.update_weights(tmp_path, version=1)
+    assert spec.drafter.requantize_s > 0
+    after = acceptance()
+    assert after > 0.6 and after > before - 0.2, (before, after)
+    # a drafter left on the old weights would have collapsed
+    for q in spec.drafter.linears:
+        q._source = (type(q._source[0])(q._source[0].in_features, q._source[0].out_features, bias=q._source[0].bias is not None),)
+        torch.nn.init.normal_(q._source[0].weight, std=0.3)
+        q.requantize()
+    assert acceptance() < after - 0.3
