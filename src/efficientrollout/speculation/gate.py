@@ -3,12 +3,13 @@
 Predicted time per emitted token (per row) of a step with draft length K at batch size b:
 
     K = 0:  T_t(b)
-    K > 0:  (K * T_d(b) + T_t(b * (K + 1))) / L(alpha, K),   L = (1 - alpha^(K+1)) / (1 - alpha)
+    K > 0:  (K * T_d(b) + T_v(b, K)) / L(alpha, K),   L = (1 - alpha^(K+1)) / (1 - alpha)
 
-T_t(n) is the target's forward time for n tokens (a verify of b rows × K+1 positions is a
-forward over b(K+1) tokens), T_d(b) one drafter step. Both are EMAs the engine measures on
-every step, keyed by power-of-two token buckets and seeded by a start-up probe; alpha is the
-running per-token acceptance rate. No offline calibration.
+T_t(b) is a plain target step, T_d(b) one drafter step, T_v(b, K) the target's verify over K+1
+positions per row. All are EMAs the engine measures on every step, keyed by power-of-two
+batch buckets (and K), seeded by a start-up probe; a verify length not yet seen at a bucket
+is interpolated from the lengths that were (T_v grows ~linearly in K). alpha is the running
+per-token acceptance rate. No offline calibration.
 """
 
 from __future__ import annotations
@@ -81,6 +82,33 @@ class CostTable:
         return (1 - w) * self.ema[lo] + w * self.ema[hi]
 
 
+class VerifyCosts:
+    """T_v(b, K): one CostTable over batch per K, with interpolation across K."""
+
+    def __init__(self):
+        self.by_k: dict[int, CostTable] = {}
+
+    def observe(self, batch: int, k: int, seconds: float) -> None:
+        self.by_k.setdefault(k, CostTable()).observe(batch, seconds)
+
+    def predict(self, batch: int, k: int, plain: float | None) -> float | None:
+        known = {kk: t.predict(batch) for kk, t in self.by_k.items()}
+        known = {kk: v for kk, v in known.items() if v is not None}
+        if k in known:
+            return known[k]
+        if plain is not None:
+            known[0] = plain  # K = 0 "verify" is a plain step
+        if len(known) < 2:
+            return None
+        ks = sorted(known)
+        lo = max((kk for kk in ks if kk < k), default=None)
+        hi = min((kk for kk in ks if kk > k), default=None)
+        if lo is None or hi is None:  # extrapolate along the two nearest lengths
+            lo, hi = (ks[-2], ks[-1]) if hi is None else (ks[0], ks[1])
+        slope = (known[hi] - known[lo]) / (hi - lo)
+        return max(known[lo] + slope * (k - lo), 0.0)
+
+
 class SpeculationGate:
     """Chooses K for each decode step according to the configured mode."""
 
@@ -88,6 +116,7 @@ class SpeculationGate:
         self.config = config
         self.target = CostTable()
         self.draft = CostTable()
+        self.verify = VerifyCosts()
         self.alpha = 0.8  # prior until the first verify
         self.current_k = 0
         self.steps = 0
@@ -98,8 +127,11 @@ class SpeculationGate:
 
     # ---- measurements --------------------------------------------------------------------
 
-    def observe_target(self, n_tokens: int, seconds: float) -> None:
-        self.target.observe(n_tokens, seconds)
+    def observe_target(self, batch: int, seconds: float) -> None:
+        self.target.observe(batch, seconds)
+
+    def observe_verify(self, batch: int, k: int, seconds: float) -> None:
+        self.verify.observe(batch, k, seconds)
 
     def observe_draft(self, batch: int, seconds: float) -> None:
         self.draft.observe(batch, seconds)
@@ -118,13 +150,13 @@ class SpeculationGate:
 
     def predicted_cost(self, batch: int, k: int) -> float | None:
         """Predicted seconds per emitted token per row; None while a needed cost is unknown."""
-        t = self.target.predict(batch * (k + 1))
+        plain = self.target.predict(batch)
         if k == 0:
-            return t
-        d = self.draft.predict(batch)
-        if t is None or d is None:
+            return plain
+        d, v = self.draft.predict(batch), self.verify.predict(batch, k, plain)
+        if v is None or d is None:
             return None
-        return (k * d + t) / expected_tokens(self.alpha, k)
+        return (k * d + v) / expected_tokens(self.alpha, k)
 
     def best_k(self, batch: int, k_max: int) -> int:
         costs = {k: self.predicted_cost(batch, k) for k in range(k_max + 1)}

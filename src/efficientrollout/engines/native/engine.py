@@ -84,20 +84,22 @@ class NativeEngine:
             if config.speculation.probe:
                 self.probe()
 
-    def probe(self, batches: tuple[int, ...] = (1, 4, 16)) -> float:
-        """Seed the gate's cost tables: time target forwards of 1 and 4 tokens per row and a
-        drafter step at a few batch sizes (a few seconds; cache slots are free between waves)."""
+    def probe(self, batches: tuple[int, ...] = (1, 4, 16), k: int = 3) -> float:
+        """Seed the gate's cost tables: a plain step, a drafter step and a K=3 verify at a few
+        batch sizes (a few seconds; the cache slots are free between waves)."""
         assert not self._generating and self.drafter is not None
         t0 = time.perf_counter()
         for b in (b for b in batches if b <= self.config.max_batch_size):
-            for width in (1, 4):
+            for width, decoder in ((1, self.decoder), (1, self.drafter.decoder), (k + 1, self.decoder)):
                 tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
                 positions = torch.arange(width, device=self.device).expand(b, width)
-                for decoder, observe in ((self.decoder, self.gate.observe_target), (self.drafter.decoder, self.gate.observe_draft)):
-                    if decoder is self.drafter.decoder and width > 1:
-                        continue
-                    best = min(self._timed(self.runner.forward, tokens, positions, width, decoder) for _ in range(2))
-                    observe(b * width if decoder is self.decoder else b, best)
+                best = min(self._timed(self.runner.forward, tokens, positions, width, decoder) for _ in range(2))
+                if decoder is self.drafter.decoder:
+                    self.gate.observe_draft(b, best)
+                elif width == 1:
+                    self.gate.observe_target(b, best)
+                else:
+                    self.gate.observe_verify(b, k, best)
         return time.perf_counter() - t0
 
     @staticmethod
@@ -239,7 +241,7 @@ class NativeEngine:
             [s.seed for s in running], params, k,
         )
         self.gate.observe_draft(b, out.draft_s / k)
-        self.gate.observe_target(b * (k + 1), out.verify_s)
+        self.gate.observe_verify(b, k, out.verify_s)
         self.gate.observe_acceptance(b, k, sum(out.n_accepted), sum(1 for n in out.n_accepted if n < k))
         emitted = 0
         for s, n, tokens, lps in zip(running, out.n_accepted, out.emitted, out.logprobs):

@@ -1,0 +1,166 @@
+"""Long-tail rollout benchmark: every speculation mode on the same wave, in one process.
+
+Workload: 64 sequences (16 built-in prompts × 4 samples, each its own seed), sampling at
+temperature 1, `ignore_eos` with per-sample `max_new_tokens` from a seeded long-tailed
+(log-normal) distribution: most short, a few up to --max-len. Modes share one engine (same
+weights, same drafter); each starts from the same probed cost tables. Then a steady-state
+sweep: at fixed batch sizes, throughput of plain, each fixed K and adaptive. Writes a timeline
+PNG (batch size, K, step time over the wave) and prints a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from efficientrollout.engines.native import EngineConfig, NativeEngine
+from efficientrollout.protocol import ChatMessage, RolloutRequest, SamplingParams
+from efficientrollout.speculation import SpeculationConfig, SpeculationGate
+
+PROMPTS = [
+    "Tell me a long story about a dragon.", "Explain how a car engine works.", "Write a poem about the ocean.",
+    "What are the benefits of exercise?", "Describe the water cycle.", "How do computers store data?",
+    "Write a letter to a friend.", "Explain the theory of evolution.", "What is machine learning?",
+    "Describe a day in the life of a farmer.", "How do airplanes fly?", "Write a recipe for pancakes.",
+    "Explain photosynthesis step by step.", "What causes the seasons?", "Tell me about the history of Rome.",
+    "How does the internet work?",
+]
+
+
+def long_tail_lengths(n: int, max_len: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    lengths = np.exp(rng.normal(np.log(48), 0.9, n))
+    lengths[rng.choice(n, 2, replace=False)] = max_len  # the tail that decides when the wave ends
+    return [int(x) for x in np.clip(lengths, 8, max_len)]
+
+
+def wave_requests(max_len: int, seed: int) -> list[RolloutRequest]:
+    lengths = long_tail_lengths(64, max_len, seed)
+    return [
+        RolloutRequest(id=str(i), messages=[ChatMessage("user", PROMPTS[i % 16])],
+                       sampling=SamplingParams(temperature=1.0, max_new_tokens=lengths[i], ignore_eos=True, seed=seed * 1000 + i))
+        for i in range(64)
+    ]
+
+
+def use_mode(engine: NativeEngine, probed: SpeculationGate, **spec) -> None:
+    engine.gate = copy.deepcopy(probed)
+    engine.gate.config = SpeculationConfig(**spec)
+
+
+def run_wave(engine: NativeEngine, requests) -> dict:
+    t0 = time.perf_counter()
+    results = engine.generate(requests)
+    wall = time.perf_counter() - t0
+    trace = engine.trace
+    tokens = sum(len(r.output_token_ids) for r in results)
+    drafted = sum(s.drafted for s in trace)
+    spec_steps = [s for s in trace if s.k > 0]
+    return {
+        "wall_s": round(wall, 2), "tokens": tokens, "tok_s": round(tokens / wall, 1), "steps": len(trace),
+        "acceptance": round(sum(s.accepted for s in trace) / drafted, 3) if drafted else None,
+        "frac_steps_speculated": round(len(spec_steps) / max(len(trace), 1), 3),
+        "mean_k": round(float(np.mean([s.k for s in trace])), 2) if trace else 0.0,
+        "trace": [[round(s.t, 4), s.batch, s.k, round(s.seconds, 4)] for s in trace],
+    }
+
+
+def steady_throughput(engine: NativeEngine, batch: int, tokens: int) -> float:
+    """Decode tokens/s while all `batch` samples are running (steps at full batch only)."""
+    requests = [RolloutRequest(id=str(i), prompt=PROMPTS[i % 16], sampling=SamplingParams(
+        temperature=1.0, max_new_tokens=tokens, ignore_eos=True, seed=i)) for i in range(batch)]
+    engine.generate(requests)
+    full = [s for s in engine.trace if s.batch == batch]
+    return sum(s.emitted for s in full) / sum(s.seconds for s in full)
+
+
+def plot_timeline(waves: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    for mode, wave in waves.items():
+        tr = np.array(wave["trace"])
+        axes[0].step(tr[:, 0], tr[:, 1], where="post", label=mode)
+        axes[1].step(tr[:, 0], tr[:, 2], where="post", label=mode)
+        axes[2].plot(tr[:, 0], tr[:, 3] * 1e3, ".", ms=2, label=mode)
+    axes[0].set_ylabel("batch size")
+    axes[1].set_ylabel("draft length K")
+    axes[2].set_ylabel("step time (ms)")
+    axes[2].set_xlabel("seconds since the wave started")
+    axes[0].legend()
+    axes[0].set_title("Long-tail rollout wave: plain vs toggle-ladder vs adaptive")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-len", type=int, default=1024, help="longest output in the wave")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep-batches", default="1,2,4,8,16,32,64")
+    ap.add_argument("--sweep-tokens", type=int, default=24)
+    ap.add_argument("--sweep-k", type=int, default=8)
+    ap.add_argument("--png", default="out/rollout_timeline.png")
+    ap.add_argument("--dtype", default="auto")
+    a = ap.parse_args()
+    torch.set_grad_enabled(False)
+
+    t0 = time.perf_counter()
+    engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=64, max_seq_len=a.max_len + 128))
+    init_s = time.perf_counter() - t0
+    probed = copy.deepcopy(engine.gate)
+    requant_s = min(engine.drafter.requantize() for _ in range(3))
+    ratios = {b: round(probed.draft.predict(b) / probed.target.predict(b), 3) for b in (1, 4, 16, 64)}
+
+    requests = wave_requests(a.max_len, a.seed)
+    modes = {"plain": dict(mode="plain"), "always": dict(mode="always", k=4),
+             "toggle-ladder": dict(mode="toggle-ladder"), "adaptive": dict(mode="adaptive")}
+    waves = {}
+    for name, spec in tqdm(modes.items(), desc="long-tail wave per mode"):
+        use_mode(engine, probed, **spec)
+        waves[name] = run_wave(engine, requests)
+        tqdm.write(f"{name}: " + json.dumps({k: v for k, v in waves[name].items() if k != "trace"}))
+    for name, wave in waves.items():
+        wave["speedup_vs_plain"] = round(waves["plain"]["wall_s"] / wave["wall_s"], 3)
+    plot_timeline({m: waves[m] for m in ("plain", "toggle-ladder", "adaptive")}, a.png)
+
+    sweep = []
+    batches = [int(b) for b in a.sweep_batches.split(",")]
+    variants = [("plain", dict(mode="plain"))] + [(f"k{k}", dict(mode="always", k=k)) for k in range(1, a.sweep_k + 1)]
+    variants.append(("adaptive", dict(mode="adaptive", k_max=a.sweep_k)))
+    with tqdm(total=len(batches) * len(variants), desc="steady-state sweep") as bar:
+        for b in batches:
+            row = {"batch": b}
+            for name, spec in variants:
+                use_mode(engine, probed, **spec)
+                row[name] = round(steady_throughput(engine, b, a.sweep_tokens), 1)
+                bar.update()
+            fixed = {k: v for k, v in row.items() if k not in ("batch", "adaptive")}
+            best = max(fixed, key=fixed.get)
+            row["best_fixed"] = best
+            row["adaptive_vs_best"] = round(row["adaptive"] / fixed[best], 3)
+            sweep.append(row)
+            tqdm.write(json.dumps(row))
+
+    summary = {
+        "bench": "rollout", "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+        "drafter_kernel": engine.drafter.kernel, "threads": torch.get_num_threads(), "max_len": a.max_len,
+        "engine_init_s": round(init_s, 2), "requantize_s": round(requant_s, 3), "draft_to_target_step_cost": ratios,
+        "wave": {m: {k: v for k, v in w.items() if k != "trace"} for m, w in waves.items()},
+        "adaptive_vs_toggle_ladder": round(waves["toggle-ladder"]["wall_s"] / waves["adaptive"]["wall_s"], 3),
+        "sweep_tok_s": sweep, "timeline_png": a.png,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The gate's math against slow references, and its decisions on synthetic step costs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from efficientrollout.speculation import SpeculationConfig, SpeculationGate, expected_tokens
+
+
+def test_expected_tokens_matches_a_simulation():
+    rng = np.random.default_rng(0)
+    for alpha, k in ((0.0, 3), (0.5, 1), (0.8, 4), (0.95, 8)):
+        accepted = rng.random((200_000, k)) < alpha
+        emitted = np.cumprod(accepted, axis=1).sum(axis=1) + 1
+        assert abs(emitted.mean() - expected_tokens(alpha, k)) < 0.02
+    assert expected_tokens(1.0, 5) == 6.0
+
+
+def _gate(**cfg) -> SpeculationGate:
+    """Synthetic engine: memory-bound below batch 16 (step ~ flat), compute-bound above."""
+    gate = SpeculationGate(SpeculationConfig(explore_every=0, **cfg))
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        plain = 0.02 + 0.002 * b
+        gate.observe_target(b, plain)
+        gate.observe_draft(b, 0.25 * plain)
+        for k in (1, 4, 8):
+            gate.observe_verify(b, k, 0.02 + 0.002 * b * (k + 1))
+    gate.alpha = 0.85
+    return gate
+
+
+def test_adaptive_speculates_in_the_tail_and_turns_off_when_the_batch_grows():
+    gate = _gate()
+    ks = [gate.choose(b, wave_filled=True, k_cap=8) for b in (64, 32, 2, 1, 1, 64)]
+    assert ks[0] == 0 and ks[1] == 0  # compute-bound: plain
+    assert ks[2] > 0 and ks[3] > 0  # memory-bound tail: speculate
+    assert ks[-1] == 0  # and back off when the batch grows again
+    # the choice minimises the predicted cost (up to hysteresis)
+    costs = {k: gate.predicted_cost(1, k) for k in range(9)}
+    assert costs[ks[3]] <= min(costs.values()) * 1.05
+
+
+def test_interpolated_verify_cost_is_between_its_neighbours():
+    gate = _gate()
+    lo, mid, hi = (gate.verify.predict(4, k, gate.target.predict(4)) for k in (1, 2, 4))
+    assert lo < mid < hi
+
+
+def test_toggle_ladder_is_one_way_within_a_wave_and_moves_between_waves():
+    gate = _gate(mode="toggle-ladder")
+    gate.start_wave()
+    assert gate.choose(64, wave_filled=True, k_cap=16) == 0
+    assert gate.choose(1, wave_filled=False, k_cap=16) == 0  # waits for the batch to fill
+    assert gate.choose(1, wave_filled=True, k_cap=16) == 5
+    assert gate.choose(64, wave_filled=True, k_cap=16) == 5  # stays on for the rest of the wave
+    gate.observe_acceptance(rows=10, k=5, accepted=50, rejected_rows=0)
+    gate.end_wave()
+    gate.start_wave()
+    assert gate.config.ladder[gate.ladder_index] == 7
+    gate.observe_acceptance(rows=10, k=7, accepted=10, rejected_rows=10)
+    gate.end_wave()
+    assert gate.config.ladder[gate.ladder_index] == 5
