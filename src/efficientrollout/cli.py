@@ -8,6 +8,7 @@ import time
 
 from .engines.native import EngineConfig, NativeEngine
 from .protocol import ChatMessage, RolloutRequest, SamplingParams
+from .speculation import MODES, SpeculationConfig
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -28,6 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     p.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
+    p.add_argument("--speculation", default=defaults.speculation.mode, choices=MODES)
+    p.add_argument("--k", type=int, default=defaults.speculation.k, help="draft length for --speculation always")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -40,7 +43,8 @@ def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def _engine(a: argparse.Namespace) -> NativeEngine:
-    cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len)
+    cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
+                       speculation=SpeculationConfig(mode=a.speculation, k=a.k))
     t0 = time.perf_counter()
     engine = NativeEngine(cfg)
     print(f"loaded {engine.model_path} on {engine.device} ({engine.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -65,6 +69,13 @@ def _run(engine: NativeEngine, prompts: list[str], a: argparse.Namespace, chat: 
     tokens = sum(len(r.output_token_ids) for r in results)
     print(f"\n{len(results)} completions, {tokens} tokens in {elapsed:.1f}s: {tokens / elapsed:.1f} tokens/s "
           f"(batch of {len(results)} on {engine.device}, {engine.dtype})")
+    trace = engine.trace
+    drafted = sum(s.drafted for s in trace)
+    if drafted:
+        spec = [s for s in trace if s.k > 0]
+        print(f"speculation ({engine.config.speculation.mode}, {engine.drafter.kernel} int8 self-drafter): "
+              f"{len(spec)}/{len(trace)} steps speculated, mean K {sum(s.k for s in spec) / len(spec):.1f}, "
+              f"acceptance {sum(s.accepted for s in trace) / drafted:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
