@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from efficientrollout.engines.native.sampler import (
+from efficientrollout.sampling import (
     SamplingBatch, derive_seed, filtered_probs, inverse_cdf, sample, scaled_logprobs, seeded_uniform,
 )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..engines.native.sampler import inverse_cdf
+from ..sampling import inverse_cdf
 
 
 def accept_lengths(accepted: Tensor) -> Tensor:

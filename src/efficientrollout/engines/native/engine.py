@@ -21,7 +21,7 @@ from ...models import DEFAULT_MODEL, CheckpointError, load_model, load_weights, 
 from ...protocol import FINISH_ERROR, RolloutRequest, RolloutResult, SpeculationStats, Timings
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate, StepRecord
 from .runner import ModelRunner
-from .sampler import SamplingBatch, derive_seed, sample, seeded_uniform
+from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from .sequence import Sequence
 from .speculative import speculative_step
 

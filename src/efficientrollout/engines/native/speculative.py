@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ...speculation.verify import verify
 from .runner import ModelRunner
-from .sampler import SamplingBatch, filtered_probs, inverse_cdf, scaled_logprobs, seeded_uniform
+from ...sampling import SamplingBatch, filtered_probs, inverse_cdf, scaled_logprobs, seeded_uniform
 
 
 @dataclass(slots=True)

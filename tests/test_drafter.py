@@ -1,0 +1,49 @@
+"""The quantized self-drafter: every kernel approximates the target linear it was derived from,
+shares everything but the linears with the target, and re-derives from live weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efficientrollout.models.decoder import Linear
+from efficientrollout.speculation.drafter import Drafter, QuantLinear, pick_kernel
+
+KERNELS = ["torchao"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []) + (
+    ["int8pack"] if torch.cpu._is_avx512_supported() else [])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_kernels_approximate_the_target_linear(kernel):
+    torch.manual_seed(0)
+    target = Linear(96, 48, bias=True)
+    target.pack()
+    x = torch.randn(4, 3, 96)
+    exact = target(x)
+    approx = QuantLinear(target, kernel)(x)
+    assert approx.shape == exact.shape
+    rel = (approx - exact).norm() / exact.norm()
+    assert 0 < rel < 0.05, rel
+
+
+def test_drafter_shares_all_but_linears_and_follows_live_weights(tiny_engine):
+    decoder = tiny_engine.decoder
+    drafter = Drafter(decoder)
+    assert drafter.kernel == pick_kernel(torch.device("cpu"))
+    assert drafter.decoder.embed.weight is decoder.embed.weight
+    assert drafter.decoder.layers[0].input_norm is decoder.layers[0].input_norm
+    assert isinstance(drafter.decoder.layers[0].qkv, QuantLinear) and isinstance(decoder.layers[0].qkv, Linear)
+    assert len(drafter.linears) == 4 * len(decoder.layers) + 1
+    x = torch.randn(2, 1, decoder.cfg.hidden_size)
+    before = drafter.decoder.layers[0].gate_up(x)
+    original = decoder.layers[0].gate_up.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            decoder.layers[0].gate_up.weight.mul_(2.0)
+        assert torch.allclose(drafter.decoder.layers[0].gate_up(x), before)  # stale until re-derived
+        assert drafter.requantize() > 0
+        assert torch.allclose(drafter.decoder.layers[0].gate_up(x), 2 * before, rtol=0.05, atol=0.05)
+    finally:
+        with torch.no_grad():
+            decoder.layers[0].gate_up.weight.copy_(original)
+        decoder.pack_weights()
