@@ -29,6 +29,7 @@ class SpeculationConfig:
     probe: bool = True  # seed the cost model with a short start-up probe
     hysteresis: float = 0.05  # switch K only if the prediction improves by more than this
     explore_every: int = 16  # every N steps try a neighbouring K, so stale estimates refresh
+    explore_margin: float = 0.25  # ... if it is predicted within this fraction of the best
     ladder: tuple[int, ...] = (5, 7, 9, 11)  # toggle-ladder's draft lengths
     ladder_up: float = 0.94  # move up the ladder at wave acceptance >= this
     ladder_down: float = 0.85  # move down at <= this
@@ -200,7 +201,11 @@ class SpeculationGate:
             best = current
         self.current_k = best
         if cfg.explore_every and self.steps % cfg.explore_every == 0:
-            # alternate below/above the choice; from K=0 look at a short draft
+            # Refresh a neighbouring K's estimate, alternating below/above the choice (from
+            # K=0: a short draft), but only where the prediction says it could plausibly win.
             step = -1 if (self.steps // cfg.explore_every) % 2 else 1
-            return max(0, min(k_max, best + step if best > 0 else 2))
+            probe_k = max(0, min(k_max, best + step if best > 0 else 2))
+            probe_cost, best_cost = self.predicted_cost(batch, probe_k), self.predicted_cost(batch, best)
+            if probe_cost is None or best_cost is None or probe_cost <= best_cost * (1 + cfg.explore_margin):
+                return probe_k
         return best

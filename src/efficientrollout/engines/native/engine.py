@@ -84,7 +84,7 @@ class NativeEngine:
             if config.speculation.probe:
                 self.probe()
 
-    def probe(self, batches: tuple[int, ...] = (1, 4, 16), k: int = 3) -> float:
+    def probe(self, batches: tuple[int, ...] = (1, 4, 16, 64), k: int = 3) -> float:
         """Seed the gate's cost tables: a plain step, a drafter step and a K=3 verify at a few
         batch sizes (a few seconds; the cache slots are free between waves)."""
         assert not self._generating and self.drafter is not None
