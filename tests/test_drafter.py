@@ -47,3 +47,10 @@ def test_drafter_shares_all_but_linears_and_follows_live_weights(tiny_engine):
         with torch.no_grad():
             decoder.layers[0].gate_up.weight.copy_(original)
         decoder.pack_weights()
+
+
+def test_int4_needs_a_fast_kernel_and_a_dividing_group_size():
+    with pytest.raises(ValueError, match="int4"):
+        pick_kernel(torch.device("cpu"), bits=4)
+    with pytest.raises(ValueError, match="does not divide"):
+        QuantLinear(Linear(576, 64), "int4", group_size=128)

@@ -11,6 +11,9 @@ linears of SmolLM2 vs the fp32 oneDNN target): FBGEMM's int8 GEMM (activations q
 call) at 0.20-0.47x the target's time for 1-64 rows, where ATen's `_weight_int8pack_mm` was
 1.8-41x *slower* than fp32 (it is only fast with AVX512). On AVX512 CPUs: `_weight_int8pack_mm`;
 on CUDA: torchao's Int8Tensor itself.
+
+int4 (group-wise, torchao's tinygemm tile-packed layout) is offered only on CUDA: torchao 0.18
+has no fast int4 CPU layout any more, and a slow drafter is worse than none.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from torch import Tensor, nn
 from ..models.decoder import Decoder, Linear
 
 
-def pick_kernel(device: torch.device) -> str:
+def pick_kernel(device: torch.device, bits: int = 8) -> str:
+    if bits == 4:
+        if device.type != "cuda":
+            raise ValueError(f"the int4 drafter needs a fast int4 kernel; torchao has none for {device.type} (use int8)")
+        return "int4"
     if device.type != "cpu":
         return "torchao"
     if torch.cpu._is_avx512_supported():
@@ -36,10 +43,13 @@ def pick_kernel(device: torch.device) -> str:
 class QuantLinear(nn.Module):
     """An int8 copy of a target Linear; `kernel="none"` keeps the exact weights (tests)."""
 
-    def __init__(self, source: Linear, kernel: str):
+    def __init__(self, source: Linear, kernel: str, group_size: int = 64):
         super().__init__()
         self._source = (source,)  # a tuple: not registered as a submodule, never quantized twice
         self.kernel = kernel
+        self.group_size = group_size
+        if kernel == "int4" and source.in_features % group_size:
+            raise ValueError(f"int4 group size {group_size} does not divide the layer width {source.in_features}")
         self.requantize()
 
     def requantize(self) -> None:
@@ -60,6 +70,10 @@ class QuantLinear(nn.Module):
             self.weight = torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
         elif self.kernel == "int8pack":
             self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
+        elif self.kernel == "int4":
+            from torchao.quantization import Int4TilePackedTo4dTensor
+
+            self.weight = Int4TilePackedTo4dTensor.from_hp(w.bfloat16(), [1, self.group_size])
         else:
             self.weight = Int8Tensor.from_hp(w, granularity=PerRow())
 
@@ -76,6 +90,8 @@ class QuantLinear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qdata, scale)
             y = y.view(*lead, y.shape[-1])
             return y if self.bias is None else y + self.bias
+        if self.kernel == "int4":
+            return F.linear(x.bfloat16(), self.weight, None if self.bias is None else self.bias.bfloat16()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -91,14 +107,14 @@ def _share_structure(module: nn.Module) -> nn.Module:
 class Drafter:
     """Holds the drafter decoder; `decoder(...)` has the target Decoder's call signature."""
 
-    def __init__(self, target: Decoder, kernel: str | None = None):
+    def __init__(self, target: Decoder, kernel: str | None = None, group_size: int = 64):
         self.kernel = kernel or pick_kernel(next(target.parameters()).device)
         self.decoder: Decoder = _share_structure(target)
         self.linears: list[QuantLinear] = []
         for parent in self.decoder.modules():
             for name, child in list(parent._modules.items()):
                 if isinstance(child, Linear):
-                    q = QuantLinear(child, self.kernel)
+                    q = QuantLinear(child, self.kernel, group_size)
                     parent._modules[name] = q
                     self.linears.append(q)
         self.requantize_s = 0.0

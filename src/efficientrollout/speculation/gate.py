@@ -25,7 +25,8 @@ class SpeculationConfig:
     mode: str = "adaptive"  # plain | always (fixed k) | toggle-ladder (the paper's policy) | adaptive (ours)
     k: int = 4  # draft length for "always"
     k_max: int = 8  # adaptive searches 0..k_max
-    drafter: str = "int8"  # int8 (torchao, the default) | exact (unquantized copy: accepts everything; tests)
+    drafter: str = "int8"  # int8 (torchao, the default) | int4 (group-wise; CUDA only) | exact (unquantized: tests)
+    int4_group_size: int = 64  # must divide every layer width (SmolLM2's 576 does not divide by 128)
     probe: bool = True  # seed the cost model with a short start-up probe
     hysteresis: float = 0.05  # switch K only if the prediction improves by more than this
     explore_every: int = 16  # every N steps try a neighbouring K, so stale estimates refresh
@@ -38,8 +39,8 @@ class SpeculationConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"speculation mode must be one of {MODES}, got {self.mode!r}")
-        if self.drafter not in ("int8", "exact"):
-            raise ValueError(f"drafter must be int8 or exact, got {self.drafter!r}")
+        if self.drafter not in ("int8", "int4", "exact"):
+            raise ValueError(f"drafter must be int8, int4 or exact, got {self.drafter!r}")
         if not 1 <= self.k <= 32 or not 1 <= self.k_max <= 32:
             raise ValueError("k and k_max must be in 1..32")
 

@@ -20,6 +20,7 @@ import torch
 from ...models import DEFAULT_MODEL, CheckpointError, load_model, load_weights, read_state_dict
 from ...protocol import FINISH_ERROR, RolloutRequest, RolloutResult, SpeculationStats, Timings
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate, StepRecord
+from ...speculation.drafter import pick_kernel
 from .runner import ModelRunner
 from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from .sequence import Sequence
@@ -80,7 +81,9 @@ class NativeEngine:
         self.drafter: Drafter | None = None
         self.trace: list[StepRecord] = []  # the last wave's steps
         if config.speculation.mode != "plain":
-            self.drafter = Drafter(self.decoder, kernel="none" if config.speculation.drafter == "exact" else None)
+            spec = config.speculation
+            kernel = {"exact": "none", "int4": pick_kernel(self.device, bits=4)}.get(spec.drafter)
+            self.drafter = Drafter(self.decoder, kernel=kernel, group_size=spec.int4_group_size)
             if config.speculation.probe:
                 self.probe()
 
