@@ -163,9 +163,9 @@ def test_bf16_logprobs_close_to_a_bf16_recompute(tiny_dir):
     """bf16 has no exact identity (op order differs between a batched prefill and a step): we
     bound the gap. Measured on this tiny model: mean 0.03, max 0.34 nats (its random weights
     make logits larger, hence errors larger, than a trained model's)."""
-    from efficientrollout.engines.native import EngineConfig, NativeEngine
-
     from conftest import PLAIN
+
+    from efficientrollout.engines.native import EngineConfig, NativeEngine
 
     engine = NativeEngine(EngineConfig(model=str(tiny_dir), dtype="bfloat16", max_batch_size=8, max_seq_len=128, speculation=PLAIN))
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()

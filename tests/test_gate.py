@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from efficientrollout.speculation import SpeculationConfig, SpeculationGate, expected_tokens
+from efficientrollout.speculation import (
+    SpeculationConfig,
+    SpeculationGate,
+    expected_tokens,
+)
 
 
 def test_expected_tokens_matches_a_simulation():

@@ -6,7 +6,13 @@ import numpy as np
 import torch
 
 from efficientrollout.sampling import (
-    SamplingBatch, derive_seed, filtered_probs, inverse_cdf, sample, scaled_logprobs, seeded_uniform,
+    SamplingBatch,
+    derive_seed,
+    filtered_probs,
+    inverse_cdf,
+    sample,
+    scaled_logprobs,
+    seeded_uniform,
 )
 
 

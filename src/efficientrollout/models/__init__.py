@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DEFAULT_MODEL, WeightError, check_state_dict, read_state_dict, resolve_model
+from .checkpoint import (
+    DEFAULT_MODEL,
+    WeightError,
+    check_state_dict,
+    read_state_dict,
+    resolve_model,
+)
 from .config import CheckpointError, ModelConfig, model_config_from_hf, rope_inv_freq
 from .decoder import Decoder, KVCache
 

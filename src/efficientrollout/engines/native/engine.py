@@ -17,12 +17,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...models import DEFAULT_MODEL, CheckpointError, load_model, load_weights, read_state_dict
-from ...protocol import FINISH_ERROR, RolloutRequest, RolloutResult, SpeculationStats, Timings
+from ...models import (
+    DEFAULT_MODEL,
+    CheckpointError,
+    load_model,
+    load_weights,
+    read_state_dict,
+)
+from ...protocol import (
+    FINISH_ERROR,
+    RolloutRequest,
+    RolloutResult,
+    SpeculationStats,
+    Timings,
+)
+from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate, StepRecord
 from ...speculation.drafter import pick_kernel
 from .runner import ModelRunner
-from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from .sequence import Sequence
 from .speculative import speculative_step
 
@@ -82,7 +94,7 @@ class NativeEngine:
         self.trace: list[StepRecord] = []  # the last wave's steps
         if config.speculation.mode != "plain":
             spec = config.speculation
-            kernel = {"exact": "none", "int4": pick_kernel(self.device, bits=4)}.get(spec.drafter)
+            kernel = "none" if spec.drafter == "exact" else pick_kernel(self.device, bits=4 if spec.drafter == "int4" else 8)
             self.drafter = Drafter(self.decoder, kernel=kernel, group_size=spec.int4_group_size)
             if config.speculation.probe:
                 self.probe()
@@ -96,7 +108,7 @@ class NativeEngine:
             for width, decoder in ((1, self.decoder), (1, self.drafter.decoder), (k + 1, self.decoder)):
                 tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
                 positions = torch.arange(width, device=self.device).expand(b, width)
-                best = min(self._timed(self.runner.forward, tokens, positions, width, decoder) for _ in range(2))
+                best = min(self._timed(tokens, positions, width, decoder) for _ in range(2))
                 if decoder is self.drafter.decoder:
                     self.gate.observe_draft(b, best)
                 elif width == 1:
@@ -105,10 +117,11 @@ class NativeEngine:
                     self.gate.observe_verify(b, k, best)
         return time.perf_counter() - t0
 
-    @staticmethod
-    def _timed(fn, *args) -> float:
+    def _timed(self, *forward_args) -> float:
+        self.runner.synchronize()
         t0 = time.perf_counter()
-        fn(*args)
+        self.runner.forward(*forward_args)
+        self.runner.synchronize()
         return time.perf_counter() - t0
 
     @property

@@ -50,5 +50,10 @@ class ModelRunner:
         decoder = decoder or self.decoder
         return decoder.logits(decoder(tokens, positions, self.cache, kv_len=kv_len))
 
+    def synchronize(self) -> None:
+        """Wait for queued device work, so wall-clock step timings mean something on CUDA."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)

@@ -11,9 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...sampling import (
+    SamplingBatch,
+    filtered_probs,
+    inverse_cdf,
+    scaled_logprobs,
+    seeded_uniform,
+)
 from ...speculation.verify import verify
 from .runner import ModelRunner
-from ...sampling import SamplingBatch, filtered_probs, inverse_cdf, scaled_logprobs, seeded_uniform
 
 
 @dataclass(slots=True)
@@ -62,6 +68,7 @@ def speculative_step(
             draft_probs.append(probs)
         drafts.append(cur)
     drafts_t = torch.stack(drafts, dim=1)  # [b, K]
+    runner.synchronize()
     t1 = time.perf_counter()
 
     logits = runner.forward(torch.cat((last[:, None], drafts_t), dim=1), positions, kv_len)  # [b, K+1, V]
