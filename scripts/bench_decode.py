@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.protocol import RolloutRequest, SamplingParams
+from efficientrollout.speculation import SpeculationConfig
 
 PROMPTS = [
     "The history of the Roman Empire", "Write a story about a dragon", "Explain photosynthesis",
@@ -68,7 +69,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     t0 = time.perf_counter()
-    engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=max(batches), max_seq_len=256))
+    # plain decoding: speculation is measured by bench_rollout.py
+    engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=max(batches), max_seq_len=256,
+                                       speculation=SpeculationConfig(mode="plain")))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     bench_engine(engine, 1, 4)  # warm-up

@@ -129,7 +129,7 @@ class StepContext:
 
     __slots__ = ("rows_bt", "positions", "kv_len", "mask")
 
-    def __init__(self, positions: Tensor, rows: Tensor | None, kv_len: int | None, dtype: torch.dtype):
+    def __init__(self, positions: Tensor, rows: Tensor | None, kv_len: int | None):
         b, T = positions.shape
         self.positions = positions  # [b, T]
         if rows is None:
@@ -138,10 +138,8 @@ class StepContext:
         self.kv_len = kv_len
         self.mask = None
         if kv_len is not None:
-            # key j is visible to the query at position p iff j <= p  → [b, 1, T, kv_len];
-            # additive and built once per step (SDPA would convert a bool mask in every layer)
-            visible = (torch.arange(kv_len, device=positions.device) <= positions[:, :, None])[:, None]
-            self.mask = torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
+            # key j is visible to the query at position p iff j <= p  → [b, 1, T, kv_len]
+            self.mask = (torch.arange(kv_len, device=positions.device) <= positions[:, :, None])[:, None]
 
 
 class Decoder(nn.Module):
@@ -183,8 +181,8 @@ class Decoder(nn.Module):
         rows=None, kv_len=n: decode/verify for cache slots 0..b-1 attending positions < n.
         rows=slots, kv_len=None: prefill of prompts (starting at position 0) into those slots.
         """
+        ctx = StepContext(positions, rows, kv_len)
         x = self.embed(tokens)
-        ctx = StepContext(positions, rows, kv_len, x.dtype)
         cos = self.cos[positions].to(x.dtype)[:, :, None]
         sin = self.sin[positions].to(x.dtype)[:, :, None]
         for i, layer in enumerate(self.layers):
