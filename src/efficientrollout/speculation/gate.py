@@ -73,7 +73,7 @@ class CostTable:
             return None
         known = sorted(self.ema)
         if n <= known[0]:
-            return self.ema[known[0]] * (1.0 if n == known[0] else max(n / known[0], 0.5))
+            return self.ema[known[0]]
         if n >= known[-1]:  # extrapolate linearly in n from the largest bucket (compute-bound side)
             return self.ema[known[-1]] * n / known[-1]
         hi = next(k for k in known if k >= n)
