@@ -1,0 +1,149 @@
+"""The rollout queue on Redis Streams with one consumer group of engines.
+
+Requests go to `<prefix>:requests`; an engine claims a wave with XREADGROUP, streams each
+result to `<prefix>:results` as its sample finishes and acknowledges the request with its
+last result, all inside one Lua script (atomic). A result is written at most once per
+(request id, sample index): a request delivered twice (its first worker died after writing
+some results) never yields a duplicate. Entries idle past their lease are reclaimed with
+XAUTOCLAIM by a live worker; one delivered more than `max_deliveries` times goes to
+`<prefix>:dead` and its client gets error results instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+import redis.asyncio as aioredis
+
+from ..protocol import FINISH_ERROR, RolloutRequest, RolloutResult
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_request = msgspec.msgpack.Decoder(RolloutRequest).decode
+_decode_result = msgspec.msgpack.Decoder(RolloutResult).decode
+
+# KEYS: requests, results, done-set; ARGV: group, entry id to ack ('' = none), then (key, payload)*
+_WRITE_RESULTS = """
+local written = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('SADD', KEYS[3], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'data', ARGV[i + 1])
+    written = written + 1
+  end
+end
+if ARGV[2] ~= '' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
+return written
+"""
+
+
+@dataclass(slots=True)
+class Claimed:
+    """One claimed queue entry: a valid request, or the reason it is not one."""
+
+    entry_id: str
+    request: RolloutRequest | None
+    error: str | None = None
+    raw_id: str = ""  # best-effort request id of a malformed entry
+
+
+class RolloutQueue:
+    def __init__(self, url: str, prefix: str = "er", group: str = "engines", max_deliveries: int = 3, lease_ms: int = 30_000):
+        self.redis = aioredis.from_url(url)  # redis://user:password@host:port/db, rediss:// for TLS
+        self.requests, self.results, self.dead, self.done = (f"{prefix}:{k}" for k in ("requests", "results", "dead", "done"))
+        self.group, self.max_deliveries, self.lease_ms = group, max_deliveries, lease_ms
+        self._write = self.redis.register_script(_WRITE_RESULTS)
+
+    async def setup(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.requests, self.group, id="0", mkstream=True)
+        except aioredis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # ---- producer side -------------------------------------------------------------------
+
+    async def submit(self, request: RolloutRequest) -> str:
+        return (await self.redis.xadd(self.requests, {"data": _encode(request)})).decode()
+
+    async def submit_raw(self, payload: bytes) -> str:
+        """Enqueue bytes as they are (used to prove that malformed entries cannot hurt engines)."""
+        return (await self.redis.xadd(self.requests, {"data": payload})).decode()
+
+    async def read_results(self, last_id: str = "0", count: int = 100, block_ms: int = 1000) -> tuple[str, list[RolloutResult]]:
+        """Results after `last_id`; returns the new cursor and the results."""
+        reply = await self.redis.xread({self.results: last_id}, count=count, block=block_ms)
+        out: list[RolloutResult] = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                last_id = entry_id.decode()
+                out.append(_decode_result(fields[b"data"]))
+        return last_id, out
+
+    # ---- engine side ---------------------------------------------------------------------
+
+    async def claim(self, consumer: str, count: int, block_ms: int = 1000) -> list[Claimed]:
+        """A wave: first entries whose lease expired (their worker died), then new ones."""
+        claimed = await self._reclaim(consumer, count)
+        if len(claimed) < count:
+            reply = await self.redis.xreadgroup(self.group, consumer, {self.requests: ">"}, count=count - len(claimed), block=block_ms)
+            for _, entries in reply or []:
+                claimed.extend(self._parse(e, f) for e, f in entries)
+        return claimed
+
+    async def extend(self, consumer: str, entry_ids: list[str]) -> None:
+        """Renew the lease of entries this worker is still generating."""
+        if entry_ids:
+            await self.redis.xclaim(self.requests, self.group, consumer, 0, entry_ids, justid=True)
+
+    async def write_results(self, results: list[RolloutResult], ack_entry: str | None = None) -> int:
+        """Write results (each at most once ever) and optionally ack their entry, atomically."""
+        args: list[bytes | str] = [self.group, ack_entry or ""]
+        for r in results:
+            args += [f"{r.request_id}/{r.sample_index}", _encode(r)]
+        return int(await self._write(keys=[self.requests, self.results, self.done], args=args))
+
+    async def fail(self, claimed: Claimed, error: str, samples: int) -> None:
+        """Error results for every sample of an entry, then ack it."""
+        request_id = claimed.request.id if claimed.request else claimed.raw_id
+        metadata = claimed.request.metadata if claimed.request else {}
+        results = [RolloutResult(request_id=request_id, sample_index=i, policy_version=-1, prompt_token_ids=[],
+                                 output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
+                                 metadata=metadata) for i in range(samples)]
+        await self.write_results(results, ack_entry=claimed.entry_id)
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _parse(self, entry_id: bytes, fields: dict) -> Claimed:
+        eid = entry_id.decode()
+        data = fields.get(b"data")
+        try:
+            return Claimed(eid, _decode_request(data))
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+            raw_id = f"malformed:{eid}"
+            try:  # keep the client's id where one can be read, so its waiter is answered
+                loose = msgspec.msgpack.decode(data)
+                if isinstance(loose, dict) and isinstance(loose.get("id"), str) and loose["id"]:
+                    raw_id = loose["id"]
+            except Exception:  # noqa: BLE001 - any undecodable payload keeps the synthetic id
+                pass
+            return Claimed(eid, None, f"malformed request: {exc}", raw_id)
+
+    async def _reclaim(self, consumer: str, count: int) -> list[Claimed]:
+        _, entries, *_ = await self.redis.xautoclaim(self.requests, self.group, consumer, self.lease_ms, "0-0", count=count)
+        claimed: list[Claimed] = []
+        for entry_id, fields in entries:
+            if fields is None:  # deleted meanwhile
+                continue
+            c = self._parse(entry_id, fields)
+            pending = await self.redis.xpending_range(self.requests, self.group, min=entry_id, max=entry_id, count=1)
+            deliveries = pending[0]["times_delivered"] if pending else 1
+            if deliveries > self.max_deliveries:
+                await self.redis.xadd(self.dead, {"data": fields.get(b"data", b""), "entry": entry_id, "deliveries": deliveries})
+                samples = c.request.sampling.n if c.request else 1
+                await self.fail(c, f"dead-lettered after {deliveries - 1} deliveries without a result", samples)
+                continue
+            claimed.append(c)
+        return claimed
