@@ -1,0 +1,119 @@
+"""Versioned weight snapshots on disk: the policy server's storage.
+
+Layout: `<root>/v<N>/{model.safetensors, manifest.json}`. A version becomes visible only by
+an atomic rename of a fully written and verified temporary directory, so a half-written or
+corrupt upload is never served. Versions strictly increase; the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+import torch
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+class FileEntry(msgspec.Struct):
+    name: str
+    size: int
+    sha256: str
+
+
+class WeightManifest(msgspec.Struct, forbid_unknown_fields=True):
+    version: int
+    created: float
+    files: list[FileEntry]
+
+
+class PolicyError(ValueError):
+    """A publish or fetch that is rejected; the store is unchanged."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class PolicyStore:
+    def __init__(self, root: str | os.PathLike, keep: int = 3):
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+
+    def versions(self) -> list[int]:
+        return sorted(int(p.name[1:]) for p in self.root.glob("v*") if p.name[1:].isdigit() and (p / "manifest.json").is_file())
+
+    def latest(self) -> int | None:
+        v = self.versions()
+        return v[-1] if v else None
+
+    def manifest(self, version: int) -> WeightManifest:
+        path = self.root / f"v{version}" / "manifest.json"
+        if not path.is_file():
+            raise PolicyError(f"version {version} does not exist (have {self.versions()})")
+        return msgspec.json.decode(path.read_bytes(), type=WeightManifest)
+
+    def path(self, version: int, name: str = WEIGHTS_FILE) -> Path:
+        entry = next((f for f in self.manifest(version).files if f.name == name), None)
+        if entry is None:
+            raise PolicyError(f"version {version} has no file {name!r}")
+        return self.root / f"v{version}" / name
+
+    def publish_state_dict(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> int:
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".upload.") as tmp:
+            file = Path(tmp) / WEIGHTS_FILE
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, file)
+            return self.publish_file(file, version, expected_sha256=None)
+
+    def publish_file(self, file: Path, version: int | None = None, expected_sha256: str | None = None) -> int:
+        """Store an uploaded safetensors file as the next version (or `version`, if larger)."""
+        from safetensors import safe_open
+
+        latest = self.latest() or 0
+        version = latest + 1 if version is None else version
+        if version <= latest:
+            raise PolicyError(f"version {version} is not newer than the latest ({latest})")
+        digest = sha256_file(file)
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise PolicyError(f"checksum mismatch: got {digest}, expected {expected_sha256}")
+        try:
+            with safe_open(file, framework="pt") as f:
+                if not list(f.keys()):
+                    raise PolicyError("the upload holds no tensors")
+        except PolicyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
+            raise PolicyError(f"the upload is not a readable safetensors file: {exc}") from exc
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".stage."))
+        try:
+            shutil.copyfile(file, staging / WEIGHTS_FILE)
+            manifest = WeightManifest(version, time.time(), [FileEntry(WEIGHTS_FILE, file.stat().st_size, digest)])
+            (staging / "manifest.json").write_bytes(msgspec.json.encode(manifest))
+            os.replace(staging, self.root / f"v{version}")  # atomic: the version appears whole or not at all
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for old in self.versions()[: -self.keep]:
+            shutil.rmtree(self.root / f"v{old}", ignore_errors=True)
+        return version
+
+    def verify(self, version: int) -> None:
+        """Raise PolicyError if any stored file no longer matches its manifest."""
+        for entry in self.manifest(version).files:
+            path = self.root / f"v{version}" / entry.name
+            if not path.is_file() or sha256_file(path) != entry.sha256:
+                raise PolicyError(f"version {version}: {entry.name} does not match its sha256")
