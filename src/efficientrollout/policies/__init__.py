@@ -1,5 +1,6 @@
-"""Versioned policy weights: storage now; the HTTP server and publisher build on it."""
+"""Versioned policy weights: storage, the HTTP policy server, publisher and fetcher."""
 
+from .client import PolicyClient, PolicyPublisher
 from .store import PolicyError, PolicyStore, WeightManifest
 
-__all__ = ["PolicyError", "PolicyStore", "WeightManifest"]
+__all__ = ["PolicyClient", "PolicyError", "PolicyPublisher", "PolicyStore", "WeightManifest"]
