@@ -14,7 +14,12 @@ import torch
 import uvicorn
 
 from efficientrollout.models import read_state_dict
-from efficientrollout.policies import PolicyClient, PolicyError, PolicyPublisher, PolicyStore
+from efficientrollout.policies import (
+    PolicyClient,
+    PolicyError,
+    PolicyPublisher,
+    PolicyStore,
+)
 from efficientrollout.policies.server import create_app
 from efficientrollout.queue import RedisServer
 
