@@ -9,7 +9,6 @@ lease of every entry it holds, so only a dead worker's entries are reclaimed.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 
 import anyio
@@ -61,7 +60,6 @@ class WaveWorker:
                 await anyio.sleep(self.queue.lease_ms / 3000)
                 await self.queue.extend(self.consumer, [entry_of[r] for r, left in remaining.items() if left > 0])
 
-        written: dict[str, int] = defaultdict(int)
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_leases)
             tg.start_soon(anyio.to_thread.run_sync, generate)
@@ -69,7 +67,6 @@ class WaveWorker:
                 async for result in receive:
                     rid = result.request_id
                     remaining[rid] -= 1
-                    written[rid] += 1
                     await self.queue.write_results([result], ack_entry=entry_of[rid] if remaining[rid] == 0 else None)
                     stats.results += 1
                     stats.errors += result.finish_reason == "error"
