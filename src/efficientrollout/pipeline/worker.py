@@ -8,7 +8,6 @@ lease of every entry it holds, so only a dead worker's entries are reclaimed.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import anyio
@@ -18,8 +17,6 @@ import anyio.to_thread
 from ..engines.native import NativeEngine
 from ..protocol import RolloutResult
 from ..queue import Claimed, RolloutQueue
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)

@@ -10,7 +10,13 @@ from pathlib import Path
 import httpx
 import torch
 
-from .store import WEIGHTS_FILE, PolicyError, WeightManifest, sha256_file
+from .store import (
+    WEIGHTS_FILE,
+    PolicyError,
+    WeightManifest,
+    save_state_dict,
+    sha256_file,
+)
 
 
 class PolicyPublisher:
@@ -20,11 +26,9 @@ class PolicyPublisher:
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
 
     def publish(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> int:
-        from safetensors.torch import save_file
-
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / WEIGHTS_FILE
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path)
+            save_state_dict(state, path)
             return self.publish_file(path, version)
 
     def publish_file(self, path: Path, version: int | None = None) -> int:

@@ -45,6 +45,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write HF-named tensors to one safetensors file (CPU, contiguous copies)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path)
+
+
 class PolicyStore:
     def __init__(self, root: str | os.PathLike, keep: int = 3):
         if keep < 1:
@@ -73,11 +80,9 @@ class PolicyStore:
         return self.root / f"v{version}" / name
 
     def publish_state_dict(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> int:
-        from safetensors.torch import save_file
-
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".upload.") as tmp:
             file = Path(tmp) / WEIGHTS_FILE
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, file)
+            save_state_dict(state, file)
             return self.publish_file(file, version, expected_sha256=None)
 
     def publish_file(self, file: Path, version: int | None = None, expected_sha256: str | None = None) -> int:

@@ -242,9 +242,10 @@ class NativeEngine:
         room = self.config.max_seq_len - 1 - max(s.last_position for s in running)
         left = max(s.params.max_new_tokens - len(s.output_ids) for s in running)
         k = self.gate.choose(b, wave_filled, min(room, left - 1)) if self.drafter is not None else 0
+        last_tokens, last_positions = [s.output_ids[-1] for s in running], [s.last_position for s in running]
         t0 = time.perf_counter()
         if k == 0:
-            logits = self.runner.decode([s.output_ids[-1] for s in running], [s.last_position for s in running])
+            logits = self.runner.decode(last_tokens, last_positions)
             retired = list(self._sample_and_retire(logits, running, list(range(b))))
             seconds = time.perf_counter() - t0
             self.gate.observe_target(b, seconds)
@@ -253,8 +254,7 @@ class NativeEngine:
             return
         params = self._sampling_batch(running)
         out = speculative_step(
-            self.runner, self.drafter.decoder, [s.output_ids[-1] for s in running], [s.last_position for s in running],
-            [s.seed for s in running], params, k,
+            self.runner, self.drafter.decoder, last_tokens, last_positions, [s.seed for s in running], params, k,
         )
         self.gate.observe_draft(b, out.draft_s / k)
         self.gate.observe_verify(b, k, out.verify_s)
