@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
+from efficientrollout.pipeline.timeline import plot_timeline
 from efficientrollout.protocol import ChatMessage, RolloutRequest, SamplingParams
 from efficientrollout.speculation import SpeculationConfig, SpeculationGate
 
@@ -83,28 +84,6 @@ def steady_throughput(engine: NativeEngine, batch: int, tokens: int) -> float:
     return sum(s.emitted for s in full) / sum(s.seconds for s in full)
 
 
-def plot_timeline(waves: dict[str, dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
-    for mode, wave in waves.items():
-        tr = np.array(wave["trace"])
-        axes[0].step(tr[:, 0], tr[:, 1], where="post", label=mode)
-        axes[1].step(tr[:, 0], tr[:, 2], where="post", label=mode)
-        axes[2].plot(tr[:, 0], tr[:, 3] * 1e3, ".", ms=2, label=mode)
-    axes[0].set_ylabel("batch size")
-    axes[1].set_ylabel("draft length K")
-    axes[2].set_ylabel("step time (ms)")
-    axes[2].set_xlabel("seconds since the wave started")
-    axes[0].legend()
-    axes[0].set_title("Long-tail rollout wave: plain vs toggle-ladder vs adaptive")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-len", type=int, default=1024, help="longest output in the wave")
@@ -144,7 +123,8 @@ def main() -> None:
                 tqdm.write(f"{name}: " + json.dumps({k: v for k, v in wave.items() if k != "trace"}))
     for name, wave in waves.items():
         wave["speedup_vs_plain"] = round(waves["plain"]["wall_s"] / wave["wall_s"], 3)
-    plot_timeline({m: waves[m] for m in ("plain", "toggle-ladder", "adaptive")}, a.png)
+    plot_timeline({m: waves[m]["trace"] for m in ("plain", "toggle-ladder", "adaptive")}, a.png,
+                  "Long-tail rollout wave: plain vs toggle-ladder vs adaptive", xlabel="seconds since the wave started")
 
     # Steady state: one engine whose cost tables keep learning from every step of every
     # variant (decisions follow the variant's mode); adaptive gets one warm-up wave first.

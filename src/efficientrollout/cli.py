@@ -1,25 +1,25 @@
-"""`efficientrollout` command line: demo and generate (the fleet commands join later)."""
+"""`efficientrollout` command line.
+
+    demo            the whole pipeline on this machine (fleet, producer, trainer stand-in), summary + timeline
+    generate        completions for prompts given on the command line (engine in this process)
+    engine          a long-running engine worker: --redis URL [--policy URL]
+    policy-server   the versioned weight store over HTTP
+    fleet           Redis (embedded unless --redis), the policy server and N engines, with a status view
+    status          one status view of a running fleet (engines' heartbeats and the queue)
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 
 from .engines.native import EngineConfig, NativeEngine
+from .pipeline.demo import add_demo_args, run_demo
 from .protocol import ChatMessage, RolloutRequest, SamplingParams
 from .speculation import MODES, SpeculationConfig
-
-DEMO_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in one sentence why the sky is blue.",
-    "Give me three tips for learning to cook.",
-    "What is 12 times 7?",
-    "Name three planets of the solar system.",
-    "Write a short poem about autumn leaves.",
-    "How do I boil an egg?",
-]
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -42,11 +42,15 @@ def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _engine(a: argparse.Namespace) -> NativeEngine:
+def _engine(a: argparse.Namespace, engine_id: str | None = None) -> NativeEngine:
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
     cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
                        speculation=SpeculationConfig(mode=a.speculation, k=a.k))
     t0 = time.perf_counter()
-    engine = NativeEngine(cfg)
+    engine = NativeEngine(cfg, engine_id=engine_id)
     print(f"loaded {engine.model_path} on {engine.device} ({engine.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return engine
 
@@ -78,23 +82,122 @@ def _run(engine: NativeEngine, prompts: list[str], a: argparse.Namespace, chat: 
               f"acceptance {sum(s.accepted for s in trace) / drafted:.2f}")
 
 
+def _serve_engine(a: argparse.Namespace) -> None:
+    import anyio
+
+    from .pipeline.service import EngineService, WorkerConfig
+
+    engine = _engine(a, engine_id=a.engine_id)
+    config = WorkerConfig(redis_url=a.redis, policy_url=a.policy, prefix=a.prefix, wave_size=a.wave_size, lease_ms=a.lease_ms,
+                          max_deliveries=a.max_deliveries, drain_timeout_s=a.drain_timeout, metrics_host=a.metrics_host,
+                          metrics_port=a.metrics_port)
+    anyio.run(EngineService(engine, config).run)
+
+
+def _serve_policies(a: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .policies.server import create_app
+    from .policies.store import PolicyStore
+
+    token = a.token or os.environ.get("EFFICIENTROLLOUT_POLICY_TOKEN")
+    if not token:
+        sys.exit("policy-server needs a publish token: --token or EFFICIENTROLLOUT_POLICY_TOKEN")
+    app = create_app(PolicyStore(a.store, keep=a.keep), token, redis_url=a.redis, prefix=a.prefix)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+
+
+def _run_fleet(a: argparse.Namespace, engine_args: list[str]) -> None:
+    from .pipeline.fleet import Fleet, format_status
+
+    fleet = Fleet(a.engines, redis_url=a.redis, workdir=a.workdir, prefix=a.prefix, policy_port=a.policy_port,
+                  token=os.environ.get("EFFICIENTROLLOUT_POLICY_TOKEN"), engine_args=engine_args)
+    print(f"starting: {a.engines} engine(s); logs in {fleet.workdir / 'logs'}", file=sys.stderr)
+    try:
+        fleet.start()
+        print(f"redis   {fleet.redis_url}\npolicy  {fleet.policy_url}  (publish token: {fleet.token})\n"
+              f"stop with Ctrl-C (engines finish their wave)\n", flush=True)
+        while True:
+            print(format_status(fleet.status()) + "\n", flush=True)
+            time.sleep(a.interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the fleet", file=sys.stderr)
+        fleet.stop()
+
+
+def _show_status(a: argparse.Namespace) -> None:
+    from .pipeline.fleet import Fleet, format_status
+
+    print(format_status(Fleet(redis_url=a.redis, prefix=a.prefix).status()))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="efficientrollout")
+    parser = argparse.ArgumentParser(prog="efficientrollout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate completions for built-in prompts with the bundled model")
-    _engine_args(demo)
-    _sampling_args(demo, max_new_tokens=64)
+    demo = sub.add_parser("demo", help="the whole pipeline on this machine with the bundled model")
+    add_demo_args(demo)
     gen = sub.add_parser("generate", help="generate completions for prompts given on the command line")
     gen.add_argument("prompts", nargs="+")
     gen.add_argument("--raw", action="store_true", help="send the text as is, without the chat template")
     _engine_args(gen)
     _sampling_args(gen, max_new_tokens=128)
-    a = parser.parse_args(argv)
-    engine = _engine(a)
+
+    eng = sub.add_parser("engine", help="run an engine worker: claim waves from Redis, follow the policy server")
+    eng.add_argument("--redis", default=os.environ.get("EFFICIENTROLLOUT_REDIS"), required="EFFICIENTROLLOUT_REDIS" not in os.environ,
+                     help="redis://[user:password@]host:port/db (rediss:// for TLS); or EFFICIENTROLLOUT_REDIS")
+    eng.add_argument("--policy", default=os.environ.get("EFFICIENTROLLOUT_POLICY"), help="policy server URL (none: never update)")
+    eng.add_argument("--prefix", default="er", help="key prefix shared by the fleet")
+    eng.add_argument("--engine-id", default=None, help="name in results, logs and metrics (default: native-<host>-<pid>)")
+    eng.add_argument("--wave-size", type=int, default=64, help="requests claimed per wave")
+    eng.add_argument("--lease-ms", type=int, default=30_000)
+    eng.add_argument("--max-deliveries", type=int, default=3)
+    eng.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the wave before releasing it")
+    eng.add_argument("--metrics-host", default="127.0.0.1")
+    eng.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz (0: any free port)")
+    eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _engine_args(eng)
+
+    pol = sub.add_parser("policy-server", help="serve versioned policy weights over HTTP")
+    pol.add_argument("--store", required=True, help="directory of the versions")
+    pol.add_argument("--host", default="127.0.0.1")
+    pol.add_argument("--port", type=int, default=8700)
+    pol.add_argument("--keep", type=int, default=3, help="versions kept")
+    pol.add_argument("--token", default=None, help="publish token (or EFFICIENTROLLOUT_POLICY_TOKEN)")
+    pol.add_argument("--redis", default=None, help="announce new versions on this Redis")
+    pol.add_argument("--prefix", default="er")
+
+    fl = sub.add_parser("fleet", help="Redis, the policy server and N engines on this machine, with a status view",
+                        epilog="arguments after -- go to every engine, e.g. -- --speculation plain")
+    fl.add_argument("--engines", type=int, default=1)
+    fl.add_argument("--redis", default=None, help="use this Redis instead of an embedded one")
+    fl.add_argument("--workdir", default=None, help="logs, policy store and embedded Redis data")
+    fl.add_argument("--policy-port", type=int, default=8700)
+    fl.add_argument("--prefix", default="er")
+    fl.add_argument("--interval", type=float, default=5.0, help="seconds between status views")
+
+    st = sub.add_parser("status", help="engines and queue of a running fleet")
+    st.add_argument("--redis", default=os.environ.get("EFFICIENTROLLOUT_REDIS"), required="EFFICIENTROLLOUT_REDIS" not in os.environ)
+    st.add_argument("--prefix", default="er")
+
+    argv = sys.argv[1:] if argv is None else argv
+    engine_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if a.command == "demo":
-        _run(engine, DEMO_PROMPTS, a, chat=True)
+        run_demo(a)
+    elif a.command == "generate":
+        _run(_engine(a), a.prompts, a, chat=not a.raw)
+    elif a.command == "engine":
+        _serve_engine(a)
+    elif a.command == "policy-server":
+        _serve_policies(a)
+    elif a.command == "fleet":
+        _run_fleet(a, engine_args)
     else:
-        _run(engine, a.prompts, a, chat=not a.raw)
+        _show_status(a)
 
 
 if __name__ == "__main__":

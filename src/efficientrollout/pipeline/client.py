@@ -42,13 +42,28 @@ class RolloutClient:
 
     async def submit(self, request: RolloutRequest) -> str:
         """Enqueue; waits while max_in_flight samples are outstanding (consume results())."""
-        if request.sampling.n > self.max_in_flight:
-            raise ValueError(f"n={request.sampling.n} exceeds max_in_flight={self.max_in_flight}")
-        for _ in range(request.sampling.n):
-            await self._slots.acquire()
-        self._outstanding[request.id] = request.sampling.n
-        await self.queue.submit(request)
+        await self.submit_many([request])
         return request.id
+
+    async def submit_many(self, requests: Sequence[RolloutRequest]) -> None:
+        """Enqueue several requests in as few round trips as back-pressure allows."""
+        batch: list[RolloutRequest] = []
+        for request in requests:
+            n = request.sampling.n
+            if n > self.max_in_flight:
+                raise ValueError(f"n={n} exceeds max_in_flight={self.max_in_flight}")
+            if batch and self._slots.value < n:  # about to wait for results: send what we have
+                await self._flush(batch)
+            for _ in range(n):
+                await self._slots.acquire()
+            batch.append(request)
+        await self._flush(batch)
+
+    async def _flush(self, batch: list[RolloutRequest]) -> None:
+        for r in batch:
+            self._outstanding[r.id] = r.sampling.n
+        await self.queue.submit_many(batch)
+        batch.clear()
 
     async def results(self, timeout: float | None = None) -> AsyncIterator[RolloutResult]:
         """This client's results as they arrive, until nothing is outstanding."""
@@ -75,11 +90,7 @@ class RolloutClient:
             **({"prompt": p} if isinstance(p, str) else {"messages": list(p)})) for p in prompts]
         collected: dict[str, list[RolloutResult]] = {r.id: [] for r in requests}
         async with anyio.create_task_group() as tg:
-            async def submit_all() -> None:
-                for r in requests:
-                    await self.submit(r)
-
-            tg.start_soon(submit_all)
+            tg.start_soon(self.submit_many, requests)
             total = sum(r.sampling.n for r in requests)
             with anyio.fail_after(timeout):
                 # results() ends whenever nothing is outstanding; back-pressured submissions

@@ -1,51 +1,83 @@
 """The wave worker: claim a wave from the queue, generate it, stream results back.
 
 The engine is synchronous (tensor work); it runs in a worker thread and hands each result
-to the async side the moment its sample finishes, which writes it to Redis at once and acks
-a request together with its last sample. While the wave runs, the worker keeps renewing the
-lease of every entry it holds, so only a dead worker's entries are reclaimed.
+to the async side the moment its sample finishes. The async side writes whatever results are
+ready in one atomic script call and acks each request with its last sample. While the wave
+runs, the worker keeps renewing the lease of every entry it holds, so only a dead worker's
+entries are reclaimed. A request that needs a newer policy than the engine holds is put back
+at the tail of the queue (never served with older weights). `stop` ends a wave early: the
+engine stops after its current step and the unfinished entries are released at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import redis.exceptions
 
-from ..engines.native import NativeEngine
-from ..protocol import RolloutResult
+from ..protocol import RolloutRequest, RolloutResult
 from ..queue import Claimed, RolloutQueue
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class Engine(Protocol):
+    """What a worker needs from an engine (NativeEngine; later SGLang)."""
+
+    engine_id: str
+    version: int
+
+    def stream(self, requests: Iterable[RolloutRequest]) -> Iterator[RolloutResult]: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass(slots=True)
 class WaveStats:
-    requests: int = 0
-    results: int = 0
+    requests: int = 0  # entries claimed
+    results: int = 0  # results written (errors included)
     errors: int = 0
+    tokens: int = 0  # output tokens generated
+    deferred: int = 0  # requests put back: they need a newer policy version
+    released: int = 0  # entries given back unfinished (stopped mid-wave)
+    seconds: float = 0.0
 
 
 class WaveWorker:
-    def __init__(self, engine: NativeEngine, queue: RolloutQueue, consumer: str, wave_size: int = 64):
+    def __init__(self, engine: Engine, queue: RolloutQueue, consumer: str, wave_size: int = 64, write_retry_s: float = 60.0):
         self.engine, self.queue, self.consumer, self.wave_size = engine, queue, consumer, wave_size
+        self.write_retry_s = write_retry_s
+        self.stop = anyio.Event()  # set it to end the current wave early and release the rest
 
-    async def run_wave(self, block_ms: int = 1000) -> WaveStats:
+    async def run_wave(self, block_ms: int = 1000, gather_ms: int = 20) -> WaveStats:
         """Claim up to wave_size requests and serve them; returns what was done."""
-        claimed = await self.queue.claim(self.consumer, self.wave_size, block_ms=block_ms)
+        claimed = await self.queue.claim(self.consumer, self.wave_size, block_ms=block_ms, gather_ms=gather_ms)
+        t0 = anyio.current_time()
         stats = WaveStats(requests=len(claimed))
         valid: list[Claimed] = []
         for c in claimed:
             if c.request is None:
                 await self.queue.fail(c, c.error or "malformed request", 1)
                 stats.errors += 1
+            elif c.request.min_policy_version > self.engine.version:
+                await self.queue.requeue(c)
+                stats.deferred += 1
             else:
                 valid.append(c)
-        if not valid:
-            return stats
+        if valid:
+            await self._generate(valid, stats)
+        stats.seconds = anyio.current_time() - t0
+        return stats
+
+    async def _generate(self, valid: list[Claimed], stats: WaveStats) -> None:
         entry_of = {c.request.id: c.entry_id for c in valid}
         remaining = {c.request.id: c.request.sampling.n for c in valid}
-        send, receive = anyio.create_memory_object_stream[RolloutResult](max_buffer_size=1024)
+        send, receive = anyio.create_memory_object_stream[RolloutResult](max_buffer_size=1 << 16)
 
         def generate() -> None:
             with send:
@@ -57,16 +89,51 @@ class WaveWorker:
                 await anyio.sleep(self.queue.lease_ms / 3000)
                 await self.queue.extend(self.consumer, [entry_of[r] for r, left in remaining.items() if left > 0])
 
+        async def stop_on_request() -> None:
+            await self.stop.wait()
+            self.engine.abort()
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_leases)
+            tg.start_soon(stop_on_request)
             tg.start_soon(anyio.to_thread.run_sync, generate)
             async with receive:
                 async for result in receive:
-                    rid = result.request_id
-                    remaining[rid] -= 1
-                    await self.queue.write_results([result], ack_entry=entry_of[rid] if remaining[rid] == 0 else None)
-                    stats.results += 1
-                    stats.errors += result.finish_reason == "error"
+                    batch = [result]
+                    while True:  # write everything already finished in one round trip
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    acks = []
+                    for r in batch:
+                        remaining[r.request_id] -= 1
+                        if remaining[r.request_id] == 0:
+                            acks.append(entry_of[r.request_id])
+                        stats.errors += r.finish_reason == "error"
+                        stats.tokens += len(r.output_token_ids)
+                    try:
+                        await self._write(batch, acks)
+                    except BaseException:
+                        self.engine.abort()  # nobody will take its results: free the thread now
+                        raise
+                    stats.results += len(batch)
             tg.cancel_scope.cancel()
-        assert all(left == 0 for left in remaining.values()), remaining
-        return stats
+        unfinished = [entry_of[r] for r, left in remaining.items() if left > 0]
+        assert not unfinished or self.stop.is_set(), remaining
+        await self.queue.release(self.consumer, unfinished)
+        stats.released = len(unfinished)
+
+    async def _write(self, results: list[RolloutResult], acks: list[str]) -> None:
+        """Write, riding out a Redis restart of up to `write_retry_s` (the results are the
+        wave's work; unwritten ones would only come back after the lease expires)."""
+        delay, deadline = 0.1, anyio.current_time() + self.write_retry_s
+        while True:
+            try:
+                await self.queue.write_results(results, ack_entry=acks)
+                return
+            except REDIS_DOWN:
+                if anyio.current_time() > deadline:
+                    raise
+                await anyio.sleep(delay)
+                delay = min(2.0, delay * 2)

@@ -27,7 +27,7 @@ def redis_server_binary() -> str:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -39,7 +39,7 @@ class RedisServer:
     def __init__(self, data_dir: str | Path | None = None, appendonly: bool = True, port: int | None = None):
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="efficientrollout-redis."))
         self.appendonly = appendonly
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
     @property

