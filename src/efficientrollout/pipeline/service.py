@@ -82,10 +82,10 @@ class EngineService:
             self.worker = WaveWorker(self.engine, self.queue, self.engine.engine_id, self.config.wave_size)
             self._stopping = anyio.Event()
             tg.start_soon(self._watch_signals)
-            tg.start_soon(self._heartbeat)
             if self.config.metrics_port is not None:
                 self.metrics_port = await tg.start(serve_http, self.config.metrics_host, self.config.metrics_port, self._http)
                 log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+            tg.start_soon(self._heartbeat)
             await self._serve()
             tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
@@ -143,7 +143,8 @@ class EngineService:
                  m.waves, stats.requests, stats.results, stats.errors, stats.deferred, stats.released, stats.tokens, stats.seconds)
         if trace:  # for timeline plots; best effort
             record = msgspec.msgpack.encode({"engine": self.engine.engine_id, "version": self.engine.version,
-                                             "end": time.time(), "seconds": stats.seconds, "steps": trace})
+                                             "end": time.time(), "seconds": stats.seconds, "requests": stats.served,
+                                             "steps": trace})
             try:
                 await self.queue.redis.xadd(self._trace_key, {"data": record}, maxlen=10_000, approximate=True)
             except _REDIS_DOWN:

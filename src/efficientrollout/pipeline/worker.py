@@ -12,7 +12,7 @@ engine stops after its current step and the unfinished entries are released at o
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -46,6 +46,7 @@ class WaveStats:
     deferred: int = 0  # requests put back: they need a newer policy version
     released: int = 0  # entries given back unfinished (stopped mid-wave)
     seconds: float = 0.0
+    served: list[str] = field(default_factory=list)  # ids of the requests generated (all with one version)
 
 
 class WaveWorker:
@@ -70,6 +71,7 @@ class WaveWorker:
             else:
                 valid.append(c)
         if valid:
+            stats.served = [c.request.id for c in valid]
             await self._generate(valid, stats)
         stats.seconds = anyio.current_time() - t0
         return stats

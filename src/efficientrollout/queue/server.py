@@ -36,9 +36,10 @@ def free_port() -> int:
 class RedisServer:
     """`with RedisServer() as server: server.url` — started on a free loopback port."""
 
-    def __init__(self, data_dir: str | Path | None = None, appendonly: bool = True, port: int | None = None):
+    def __init__(self, data_dir: str | Path | None = None, appendonly: bool = True, port: int | None = None,
+                 appendfsync: str = "everysec"):
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="efficientrollout-redis."))
-        self.appendonly = appendonly
+        self.appendonly, self.appendfsync = appendonly, appendfsync  # "always": not even a kill -9 loses a write
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
 
@@ -49,7 +50,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> "RedisServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec", "--save", ""]
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync, "--save", ""]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -63,9 +64,10 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """Shut down (kill=True: SIGKILL, as a crash would)."""
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            self.process.kill() if kill else self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
 
