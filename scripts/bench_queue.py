@@ -56,7 +56,8 @@ def start_workers(url: str, n: int, wave_size: int, gather_ms: int) -> list[mp.P
 
 
 async def throughput(url: str, n_requests: int) -> float:
-    requests = [RolloutRequest(id=f"t{i}", prompt="hi", sampling=SamplingParams(max_new_tokens=32)) for i in range(n_requests)]
+    run = time.time_ns()  # ids are unique forever: the queue drops a result whose id was seen before
+    requests = [RolloutRequest(id=f"t{run}-{i}", prompt="hi", sampling=SamplingParams(max_new_tokens=32)) for i in range(n_requests)]
     async with RolloutClient(url, max_in_flight=4096) as client:
         t0 = time.perf_counter()
         got = 0
@@ -74,7 +75,7 @@ async def latency(url: str, n: int) -> list[float]:
     async with RolloutClient(url) as client:
         for i in range(n):
             t0 = time.perf_counter()
-            await client.generate([RolloutRequest(id=f"l{i}-{time.time_ns()}", prompt="hi")], timeout=30)
+            await client.generate([RolloutRequest(id=f"l{time.time_ns()}", prompt="hi")], timeout=30)
             out.append((time.perf_counter() - t0) * 1e3)
     return out
 

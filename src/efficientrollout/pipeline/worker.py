@@ -11,12 +11,12 @@ engine stops after its current step and the unfinished entries are released at o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 import redis.exceptions
 
@@ -79,12 +79,17 @@ class WaveWorker:
     async def _generate(self, valid: list[Claimed], stats: WaveStats) -> None:
         entry_of = {c.request.id: c.entry_id for c in valid}
         remaining = {c.request.id: c.request.sampling.n for c in valid}
-        send, receive = anyio.create_memory_object_stream[RolloutResult](max_buffer_size=1 << 16)
+        # The engine thread never waits for the event loop (redis.asyncio ties us to asyncio):
+        # results pile up while a write is in flight and the next write takes them all.
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Queue[RolloutResult | None] = asyncio.Queue()  # None: the wave ended
 
         def generate() -> None:
-            with send:
+            try:
                 for result in self.engine.stream([c.request for c in valid]):
-                    anyio.from_thread.run(send.send, result)
+                    loop.call_soon_threadsafe(finished.put_nowait, result)
+            finally:
+                loop.call_soon_threadsafe(finished.put_nowait, None)
 
         async def keep_leases() -> None:
             while True:
@@ -99,27 +104,29 @@ class WaveWorker:
             tg.start_soon(keep_leases)
             tg.start_soon(stop_on_request)
             tg.start_soon(anyio.to_thread.run_sync, generate)
-            async with receive:
-                async for result in receive:
-                    batch = [result]
-                    while True:  # write everything already finished in one round trip
-                        try:
-                            batch.append(receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    acks = []
-                    for r in batch:
-                        remaining[r.request_id] -= 1
-                        if remaining[r.request_id] == 0:
-                            acks.append(entry_of[r.request_id])
-                        stats.errors += r.finish_reason == "error"
-                        stats.tokens += len(r.output_token_ids)
-                    try:
-                        await self._write(batch, acks)
-                    except BaseException:
-                        self.engine.abort()  # nobody will take its results: free the thread now
-                        raise
-                    stats.results += len(batch)
+            ended = False
+            while not ended:
+                batch = [await finished.get()]
+                while not finished.empty():
+                    batch.append(finished.get_nowait())
+                if batch[-1] is None:
+                    batch.pop()
+                    ended = True
+                acks = []
+                for r in batch:
+                    remaining[r.request_id] -= 1
+                    if remaining[r.request_id] == 0:
+                        acks.append(entry_of[r.request_id])
+                    stats.errors += r.finish_reason == "error"
+                    stats.tokens += len(r.output_token_ids)
+                if not batch:
+                    continue
+                try:
+                    await self._write(batch, acks)
+                except BaseException:
+                    self.engine.abort()  # nobody will take its results: free the thread now
+                    raise
+                stats.results += len(batch)
             tg.cancel_scope.cancel()
         unfinished = [entry_of[r] for r, left in remaining.items() if left > 0]
         assert not unfinished or self.stop.is_set(), remaining

@@ -15,6 +15,7 @@ time) are dropped after `dedupe_ttl_s`, far longer than any redelivery can take.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -118,15 +119,17 @@ class RolloutQueue:
         something arrived, wait up to `gather_ms` more for the wave to fill (a producer's
         burst lands in one wave, not in a first wave of one request)."""
         claimed = await self._reclaim(consumer, count)
-        block: int | None = block_ms
-        while len(claimed) < count:
-            reply = await self.redis.xreadgroup(self.group, consumer, {self.requests: ">"}, count=count - len(claimed), block=block)
-            got = [self._parse(e, f) for _, entries in reply or [] for e, f in entries]
-            claimed.extend(got)
-            if not got or not claimed or not gather_ms or block == gather_ms:
-                break
-            block = gather_ms
+        if len(claimed) < count:
+            claimed += await self._read_new(consumer, count - len(claimed), block_ms if not claimed else None)
+        if claimed and len(claimed) < count and gather_ms:
+            # a plain sleep: Redis times out blocked reads on its 100 ms clock, too coarse here
+            await asyncio.sleep(gather_ms / 1000)
+            claimed += await self._read_new(consumer, count - len(claimed), None)
         return claimed
+
+    async def _read_new(self, consumer: str, count: int, block_ms: int | None) -> list[Claimed]:
+        reply = await self.redis.xreadgroup(self.group, consumer, {self.requests: ">"}, count=count, block=block_ms)
+        return [self._parse(e, f) for _, entries in reply or [] for e, f in entries]
 
     async def extend(self, consumer: str, entry_ids: list[str]) -> None:
         """Renew the lease of entries this worker is still generating."""
