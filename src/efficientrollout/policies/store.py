@@ -37,12 +37,17 @@ class PolicyError(ValueError):
     """A publish or fetch that is rejected; the store is unchanged."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_of(path: Path, chunk: int = 1 << 20):
+    """A sha256 object fed with the file's bytes (callers may go on feeding it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_of(path).hexdigest()
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -85,15 +90,18 @@ class PolicyStore:
             save_state_dict(state, file)
             return self.publish_file(file, version, expected_sha256=None)
 
-    def publish_file(self, file: Path, version: int | None = None, expected_sha256: str | None = None) -> int:
-        """Store an uploaded safetensors file as the next version (or `version`, if larger)."""
+    def publish_file(self, file: Path, version: int | None = None, expected_sha256: str | None = None,
+                     digest: str | None = None, move: bool = False) -> int:
+        """Store an uploaded safetensors file as the next version (or `version`, if larger).
+        `digest`: its sha256 if the caller already hashed it while receiving; `move`: take the
+        file (same filesystem) instead of copying it."""
         from safetensors import safe_open
 
         latest = self.latest() or 0
         version = latest + 1 if version is None else version
         if version <= latest:
             raise PolicyError(f"version {version} is not newer than the latest ({latest})")
-        digest = sha256_file(file)
+        digest = digest or sha256_file(file)
         if expected_sha256 is not None and digest != expected_sha256:
             raise PolicyError(f"checksum mismatch: got {digest}, expected {expected_sha256}")
         try:
@@ -106,8 +114,9 @@ class PolicyStore:
             raise PolicyError(f"the upload is not a readable safetensors file: {exc}") from exc
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".stage."))
         try:
-            shutil.copyfile(file, staging / WEIGHTS_FILE)
-            manifest = WeightManifest(version, time.time(), [FileEntry(WEIGHTS_FILE, file.stat().st_size, digest)])
+            size = file.stat().st_size
+            (os.replace if move else shutil.copyfile)(file, staging / WEIGHTS_FILE)
+            manifest = WeightManifest(version, time.time(), [FileEntry(WEIGHTS_FILE, size, digest)])
             (staging / "manifest.json").write_bytes(msgspec.json.encode(manifest))
             os.replace(staging, self.root / f"v{version}")  # atomic: the version appears whole or not at all
         finally:
