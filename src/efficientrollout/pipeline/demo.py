@@ -1,19 +1,23 @@
 """`efficientrollout demo`: the whole rollout pipeline on one machine, measured.
 
-For each speculation mode (the chosen one, then `plain` as the baseline) a fresh fleet is
-started (embedded Redis, the policy server, N engine processes) and the same RL-shaped work
-runs through it: a producer enqueues a built-in prompt set with n samples each (temperature 1,
-natural lengths, so every round has a tail); when a round's results are in, a trainer stand-in
-nudges the weights and publishes them as the next version, and the next round asks for that
-version (`min_policy_version`): engines load it between waves. The summary compares the modes
-(throughput, latency, versions served, acceptance, fraction of steps speculated) and a
-timeline PNG shows batch size, draft length and step time over the run.
+For the chosen speculation mode, then `plain` as the baseline, a fresh fleet is started
+(embedded Redis, the policy server, N engine processes) and RL-shaped work runs through it: a
+producer enqueues a built-in prompt set with n samples each (temperature 1, natural lengths, so
+every round has a tail); when a round's results are in, a trainer stand-in nudges the weights
+and publishes them as the next version, and the next round asks for that version
+(`min_policy_version`): engines load it between waves. The baseline replays the same work:
+the same prompts and seeds, each sample generating exactly as many tokens as it did in the
+first run (`ignore_eos`), so both runs have the same tail and the speed-up is not a lottery of
+sampled lengths. The summary compares the runs (throughput, latency, versions served,
+acceptance, fraction of steps speculated) and a timeline PNG shows batch size, draft length
+and step time over both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -40,10 +44,10 @@ PROMPTS = [
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", type=int, default=1, help="engine processes (they share this machine's cores)")
-    p.add_argument("--prompts", type=int, default=12, help=f"prompts per round (up to {len(PROMPTS)})")
+    p.add_argument("--prompts", type=int, default=8, help=f"prompts per round (up to {len(PROMPTS)})")
     p.add_argument("-n", type=int, default=4, help="samples per prompt")
     p.add_argument("--rounds", type=int, default=2, help="rollout rounds; a new policy version is published after each")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculation", default="adaptive", help="the mode to show; compared against plain")
@@ -56,10 +60,13 @@ def run_demo(a: argparse.Namespace) -> dict:
     if not 1 <= a.prompts <= len(PROMPTS):
         raise SystemExit(f"--prompts must be in 1..{len(PROMPTS)}")
     modes = [a.speculation] + ([] if a.no_baseline or a.speculation == "plain" else ["plain"])
-    phases = {}
+    phases, replay = {}, None
     for mode in modes:
-        print(f"\n== {mode}: starting a fleet of {a.engines} engine(s) ==", flush=True)
-        phases[mode] = _phase(mode, a)
+        print(f"\n== {mode}: starting a fleet of {a.engines} engine(s)" + (" (replaying the same lengths)" if replay else "")
+              + " ==", flush=True)
+        phases[mode] = _phase(mode, a, replay)
+        lengths = phases[mode].pop("lengths")
+        replay = replay or lengths
         _print_phase(mode, phases[mode])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,22 +79,22 @@ def run_demo(a: argparse.Namespace) -> dict:
         spec, plain = phases[modes[0]], phases["plain"]
         summary["speedup_wall"] = round(plain["rollout_s"] / spec["rollout_s"], 3)
         summary["speedup_tokens_per_s"] = round(spec["tokens_per_s"] / plain["tokens_per_s"], 3)
-        print(f"\n{modes[0]} vs plain decoding on the same prompts and seeds: {summary['speedup_wall']:.2f}× wall time, "
-              f"{summary['speedup_tokens_per_s']:.2f}× tokens/s (sampling at T={a.temperature}: lengths differ between runs)")
+        print(f"\n{modes[0]} vs plain decoding on the same prompts, seeds and per-sample lengths: "
+              f"speed-up {summary["speedup_wall"]:.2f}× ({spec["tokens"]} vs {plain["tokens"]} tokens)")
     print(f"timeline: {png}")
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return summary
 
 
-def _phase(mode: str, a: argparse.Namespace) -> dict:
+def _phase(mode: str, a: argparse.Namespace, replay: dict | None) -> dict:
     engine_args = ["--model", a.model, "--speculation", mode, "--max-seq-len", str(a.max_new_tokens + 256),
                    "--wave-size", str(max(1, 64 // a.n))]
     with tempfile.TemporaryDirectory(prefix="efficientrollout-demo.") as workdir:
         t0 = time.perf_counter()
         with Fleet(a.engines, workdir=workdir, engine_args=engine_args) as fleet:
             print(f"fleet up in {time.perf_counter() - t0:.1f}s: redis {fleet.redis_url}, policy server {fleet.policy_url}", flush=True)
-            report = anyio.run(_produce, fleet, a)
+            report = anyio.run(_produce, fleet, a, replay)
             report["waves"] = waves = _traces(fleet)
     steps = [s for w in waves for s in w["steps"]]  # [t, batch, k, drafted, accepted, emitted, seconds]
     drafted = sum(s[3] for s in steps)
@@ -97,7 +104,22 @@ def _phase(mode: str, a: argparse.Namespace) -> dict:
     return report
 
 
-async def _produce(fleet: Fleet, a: argparse.Namespace) -> dict:
+def _requests(a: argparse.Namespace, rnd: int, version: int, replay: dict | None) -> list[RolloutRequest]:
+    def request(rid: str, i: int, n: int, **sampling) -> RolloutRequest:
+        return RolloutRequest(id=rid, messages=[ChatMessage("user", PROMPTS[i])], min_policy_version=version,
+                              sampling=SamplingParams(n=n, temperature=a.temperature, **sampling))
+
+    def seed(i: int) -> int:
+        return a.seed * 1_000_003 + rnd * 1000 + i
+
+    if replay is None:
+        return [request(f"round{rnd}-prompt{i}", i, a.n, max_new_tokens=a.max_new_tokens, seed=seed(i)) for i in range(a.prompts)]
+    # each replayed sample is its own request with its own seed: only its length must match
+    return [request(f"round{rnd}-prompt{i}-sample{j}", i, 1, max_new_tokens=replay[(rnd, i, j)], ignore_eos=True,
+                    seed=seed(i) * 64 + j) for i in range(a.prompts) for j in range(a.n)]
+
+
+async def _produce(fleet: Fleet, a: argparse.Namespace, replay: dict | None) -> dict:
     """The producer and the trainer stand-in: rounds of rollouts, a new version after each."""
     from ..policies import PolicyPublisher
 
@@ -108,13 +130,10 @@ async def _produce(fleet: Fleet, a: argparse.Namespace) -> dict:
     async with RolloutClient(fleet.redis_url) as client:
         with tqdm(total=total, desc="samples", unit="sample") as bar:
             for rnd in range(a.rounds):
-                requests = [RolloutRequest(
-                    id=f"round{rnd}-prompt{i}", messages=[ChatMessage("user", PROMPTS[i])], min_policy_version=version,
-                    sampling=SamplingParams(n=a.n, temperature=a.temperature, max_new_tokens=a.max_new_tokens,
-                                            seed=a.seed * 1_000_003 + rnd * 1000 + i)) for i in range(a.prompts)]
+                requests = _requests(a, rnd, version, replay)
                 submitted = dict.fromkeys((r.id for r in requests), time.perf_counter())
                 await client.submit_many(requests)
-                left = {r.id: a.n for r in requests}
+                left = {r.id: r.sampling.n for r in requests}
                 async for res in client.results(timeout=3600):
                     results.append(res)
                     left[res.request_id] -= 1
@@ -135,11 +154,15 @@ async def _produce(fleet: Fleet, a: argparse.Namespace) -> dict:
     for r in ok:
         versions[str(r.policy_version)] = versions.get(str(r.policy_version), 0) + 1
     stale = sum(1 for r in ok if r.policy_version < int(r.request_id.split("-")[0][5:]))
+    lengths = {}
+    for r in ok:
+        rnd, prompt = map(int, re.match(r"round(\d+)-prompt(\d+)", r.request_id).groups())
+        lengths[(rnd, prompt, r.sample_index)] = len(r.output_token_ids)
     return {"samples": len(results), "errors": len(results) - len(ok), "tokens": tokens, "rollout_s": round(rollout_s, 2),
             "tokens_per_s": round(tokens / rollout_s, 1), "latency_p50_s": round(statistics.median(latencies), 2),
             "latency_p95_s": round(sorted(latencies)[int(0.95 * (len(latencies) - 1))], 2),
             "versions_served": versions, "samples_older_than_requested": stale, "publish_s": [round(s, 2) for s in publish_s],
-            "mean_output_tokens": round(tokens / max(len(ok), 1), 1)}
+            "mean_output_tokens": round(tokens / max(len(ok), 1), 1), "lengths": lengths}
 
 
 def _nudged_weights(model: str, step: int) -> dict:

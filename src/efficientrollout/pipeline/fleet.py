@@ -90,6 +90,14 @@ class Fleet:
         finally:
             r.close()
 
+    def wait_for_version(self, version: int, timeout: float = 300.0) -> None:
+        """Block until every live engine serves `version` or newer (a trainer's weight sync)."""
+        def ready() -> bool:
+            engines = self.status()["engines"]
+            return bool(engines) and all(e["version"] >= version for e in engines)
+
+        self._wait(ready, timeout, f"every engine on version {version}", interval=0.02)
+
     def stop(self, timeout: float = 60.0) -> None:
         for proc in self.engines:
             if proc.poll() is None:
@@ -117,7 +125,7 @@ class Fleet:
         return subprocess.Popen([sys.executable, "-m", "efficientrollout", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
 
-    def _wait(self, ready, timeout: float, what: str) -> None:
+    def _wait(self, ready, timeout: float, what: str, interval: float = 0.2) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             dead = [p for p in [self.policy_server, *self.engines] if p is not None and p.poll() is not None]
@@ -129,7 +137,7 @@ class Fleet:
                     return
             except (httpx.HTTPError, OSError):
                 pass
-            time.sleep(0.2)
+            time.sleep(interval)
         raise TimeoutError(f"{what} not ready after {timeout:.0f}s; see the logs in {self.workdir / 'logs'}")
 
 

@@ -180,6 +180,7 @@ class EngineService:
         self.metrics.policy_version = self.engine.version
         self.metrics.last_weight_update_seconds = time.perf_counter() - t0
         log.info("now serving policy version %d (download + load + re-quantize %.2fs)", latest, self.metrics.last_weight_update_seconds)
+        await self._beat()  # tell `status` (and trainers waiting for the version) now, not at the next beat
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -213,11 +214,14 @@ class EngineService:
 
     async def _heartbeat(self) -> None:
         while True:
-            try:
-                await self.queue.redis.set(self._heartbeat_key, json.dumps(self.status()), ex=10)
-            except _REDIS_DOWN:
-                pass
+            await self._beat()
             await anyio.sleep(2)
+
+    async def _beat(self) -> None:
+        try:
+            await self.queue.redis.set(self._heartbeat_key, json.dumps(self.status()), ex=10)
+        except _REDIS_DOWN:
+            pass
 
     async def _http(self, path: str) -> tuple[int, str, str]:
         if path == "/healthz":
