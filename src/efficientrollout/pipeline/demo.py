@@ -80,7 +80,7 @@ def run_demo(a: argparse.Namespace) -> dict:
         summary["speedup_wall"] = round(plain["rollout_s"] / spec["rollout_s"], 3)
         summary["speedup_tokens_per_s"] = round(spec["tokens_per_s"] / plain["tokens_per_s"], 3)
         print(f"\n{modes[0]} vs plain decoding on the same prompts, seeds and per-sample lengths: "
-              f"speed-up {summary["speedup_wall"]:.2f}× ({spec["tokens"]} vs {plain["tokens"]} tokens)")
+              f"speed-up {summary['speedup_wall']:.2f}× ({spec['tokens']} vs {plain['tokens']} tokens)")
     print(f"timeline: {png}")
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
