@@ -1,8 +1,10 @@
 """GRPO on the EfficientRollout fleet: enqueue prompts, score, learn, publish, repeat.
 
-The task: "What is a + b? Reply with only the number." The reward is exact (1 for only the
-right number, 0.25 for the right number buried in other text, 0 otherwise), so the bundled
-135M model starts low and learns to answer tersely within a few steps on a CPU. Each step:
+The task: simple questions with "Answer in one word." The reward is an exact check of the
+format: 1 for a reply that is one word and ends on its own (EOS), 0.5 for at most five words,
+0 otherwise. The bundled 135M model at temperature 1 rambles (about 15% of replies score), so
+the reward has room to rise, and it does within a few steps on a CPU; as it rises, responses
+shorten, while the unlucky ones still run to the token limit: every rollout has a tail. Each step:
 
     rollout   RolloutClient: P prompts × G samples at temperature 1, asking for the current
               version (min_policy_version); the fleet streams the results back
@@ -39,39 +41,53 @@ from efficientrollout.protocol import (
     SamplingParams,
 )
 
+QUESTIONS = [
+    "What color is the sky?", "Name an animal that lives in the sea.", "What is the capital of France?", "Name a fruit.",
+    "What do bees make?", "What is frozen water called?", "Name a planet.", "What do cows drink?", "Name a vegetable.",
+    "What is the opposite of hot?", "What animal barks?", "Name a metal.", "What season comes after winter?",
+    "What do you use to write?", "Name a musical instrument.", "What is the largest ocean?", "Name a flower.",
+    "What shape has three sides?", "What do plants need to grow?", "Name a day of the week.", "What gives us light at night?",
+    "Name a bird.", "What is the color of grass?", "What do fish live in?",
+]
 
-def make_problems(step: int, count: int, seed: int) -> list[tuple[str, int]]:
+
+def make_prompts(step: int, count: int, seed: int) -> list[str]:
     rng = random.Random(seed * 100_003 + step)
-    out = []
-    for _ in range(count):
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        out.append((f"What is {a} + {b}? Reply with only the number.", a + b))
-    return out
+    return [q + " Answer in one word." for q in rng.sample(QUESTIONS, count)]
 
 
-def reward(text: str, answer: int) -> float:
-    if re.fullmatch(rf"\s*{answer}\.?\s*", text):
+def reward(result: RolloutResult) -> float:
+    """Exact format check: one word (1.0), at most five words (0.5); only replies that ended on their own."""
+    if result.finish_reason != "stop":
+        return 0.0
+    if re.fullmatch(r"\s*[A-Za-z][A-Za-z'-]*[.!]?\s*", result.text):
         return 1.0
-    return 0.25 if re.search(rf"(?<!\d){answer}(?!\d)", text) else 0.0
+    return 0.5 if len(result.text.split()) <= 5 else 0.0
 
 
-def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float):
-    """Token-mean PPO-clipped loss; also the trainer's log-probs of the sampled tokens."""
-    seqs = [s.prompt_token_ids + s.output_token_ids for s in samples]
-    width = max(map(len, seqs))
-    ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs])
-    mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs])
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    logp_all = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, W-1]
-    loss, tokens, trainer_lps = 0.0, 0, []
-    for i, (s, adv) in enumerate(zip(samples, advantages)):
-        start = len(s.prompt_token_ids) - 1  # logits at position p predict token p + 1
-        lp = logp_all[i, start: start + len(s.output_token_ids)]
-        ratio = torch.exp(lp - torch.tensor(s.logprobs))  # trainer vs the engine that sampled
-        loss = loss - torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).sum()
-        tokens += len(lp)
-        trainer_lps.append(lp.detach())
-    return loss / max(tokens, 1), trainer_lps
+def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float, micro_batch: int = 8):
+    """Token-mean PPO-clipped loss, backpropagated in length-sorted micro-batches (less padding);
+    returns the trainer's log-probs of the sampled tokens, for the mismatch check."""
+    total_tokens = sum(len(s.output_token_ids) for s in samples)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_token_ids) + len(samples[i].output_token_ids))
+    trainer_lps: dict[int, torch.Tensor] = {}
+    for chunk in (order[i: i + micro_batch] for i in range(0, len(order), micro_batch)):
+        seqs = [samples[i].prompt_token_ids + samples[i].output_token_ids for i in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs])
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs])
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logp_all = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, W-1]
+        loss = 0.0
+        for row, i in enumerate(chunk):
+            s, adv = samples[i], advantages[i]
+            start = len(s.prompt_token_ids) - 1  # logits at position p predict token p + 1
+            lp = logp_all[row, start: start + len(s.output_token_ids)]
+            ratio = torch.exp(lp - torch.tensor(s.logprobs))  # trainer vs the engine that sampled it
+            loss = loss - torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).sum()
+            trainer_lps[i] = lp.detach()
+        (loss / total_tokens).backward()
+    return [trainer_lps[i] for i in range(len(samples))]
 
 
 def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, fleet: Fleet | None) -> list[dict]:
@@ -81,7 +97,9 @@ def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, flee
 
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(a.model), dtype=torch.float32)
-    model.get_input_embeddings().weight.requires_grad_(False)  # tied with the head: keep the vocabulary fixed
+    model.requires_grad_(False)  # train the top layers only: a CPU-sized step (embeddings, tied with the head, stay)
+    for layer in model.model.layers[-a.train_layers:]:
+        layer.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     publisher = PolicyPublisher(policy_url, token)
     version = _current_version(policy_url)
@@ -92,18 +110,18 @@ def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, flee
             return await client.generate(requests, timeout=1800)
 
     for step in range(a.steps):
-        problems = make_problems(step, a.prompts, a.seed)
+        prompts = make_prompts(step, a.prompts, a.seed)
         requests = [RolloutRequest(id=f"s{step}-p{i}-{time.time_ns()}", messages=[ChatMessage("user", q)], min_policy_version=version,
                                    sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens,
                                                            seed=a.seed * 1_000_003 + step * 1000 + i))
-                    for i, (q, _) in enumerate(problems)]
+                    for i, q in enumerate(prompts)]
         t0 = time.perf_counter()
         groups = anyio.run(rollout, requests)
         rollout_s = time.perf_counter() - t0
 
         samples, advantages, rewards = [], [], []
-        for (_, answer), group in zip(problems, groups):
-            r = [reward(s.text, answer) for s in group]
+        for group in groups:
+            r = [reward(s) for s in group]
             rewards += r
             mean, std = statistics.fmean(r), statistics.pstdev(r)
             samples += group  # a group where every sample scored the same gets advantage 0: no push
@@ -114,9 +132,8 @@ def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, flee
         gaps = []
         if samples:
             model.train()
-            loss, trainer_lps = grpo_loss(model, samples, advantages, a.clip)
             optimizer.zero_grad()
-            loss.backward()
+            trainer_lps = grpo_loss(model, samples, advantages, a.clip)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             gaps = [float(x) for s, lp in zip(samples, trainer_lps) for x in (lp - torch.tensor(s.logprobs)).abs()]
@@ -162,10 +179,11 @@ def print_table(mode: str, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--prompts", type=int, default=16, help="problems per step")
+    ap.add_argument("--prompts", type=int, default=8, help="questions per step")
     ap.add_argument("--group", type=int, default=4, help="samples per problem (the GRPO group)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--train-layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--clip", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local HF directory")

@@ -51,3 +51,16 @@ def test_engine_loads_a_stored_version(tiny_engine, tiny_dir, tmp_path):
         assert tiny_engine.version == version
     finally:
         tiny_engine.update_weights(state, version=0)
+
+
+def test_tied_weights_are_saved_once(tmp_path):
+    from safetensors import safe_open
+
+    from efficientrollout.policies.store import save_state_dict
+
+    embed = torch.randn(8, 4)
+    save_state_dict({"model.embed_tokens.weight": embed, "lm_head.weight": embed, "model.norm.weight": torch.ones(4)},
+                    tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert sorted(f.keys()) == ["model.embed_tokens.weight", "model.norm.weight"]
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), embed)

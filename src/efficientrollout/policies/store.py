@@ -51,10 +51,19 @@ def sha256_file(path: Path) -> str:
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write HF-named tensors to one safetensors file (CPU, contiguous copies)."""
+    """Write HF-named tensors to one safetensors file (CPU, contiguous). Tensors that share
+    memory (tied embeddings: `lm_head.weight` is `model.embed_tokens.weight`) are written once,
+    under the first name, as `model.state_dict()` of a tied model needs."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, path)
+    out, seen = {}, set()
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    save_file(out, path)
 
 
 class PolicyStore:
