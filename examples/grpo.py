@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="questions per step")
     ap.add_argument("--group", type=int, default=4, help="samples per problem (the GRPO group)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train-layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--clip", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)

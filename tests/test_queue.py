@@ -124,3 +124,25 @@ def test_queued_requests_survive_a_redis_restart(tmp_path):
         assert run(drain()) == sorted(f"r{i}" for i in range(20))
     finally:
         server.stop()
+
+
+def test_acl_user_and_password_in_the_url(redis_server):
+    import redis as sync_redis
+
+    admin = sync_redis.Redis.from_url(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", "engine", "on", ">s3cret", "~er:*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "default", "off")  # nobody gets in without a password now
+    admin.close()
+    authed = redis_server.url.replace("redis://", "redis://engine:s3cret@")
+
+    async def main():
+        q = await _queue(authed)
+        await q.submit(RolloutRequest(id="acl", prompt="hi"))
+        [c] = await q.claim("w1", 8, block_ms=100)
+        await q.write_results([result("acl", 0)], ack_entry=c.entry_id)
+        assert [r.request_id for r in (await q.read_results(block_ms=100))[1]] == ["acl"]
+        await q.close()
+        with pytest.raises(sync_redis.exceptions.AuthenticationError):
+            await _queue(redis_server.url.replace("redis://", "redis://engine:wrong@"))
+
+    run(main())

@@ -110,3 +110,17 @@ class RolloutResult(msgspec.Struct, kw_only=True):
     timings: Timings = msgspec.field(default_factory=Timings)
     speculation: SpeculationStats = msgspec.field(default_factory=SpeculationStats)
     metadata: dict[str, object] = {}
+
+
+class FileEntry(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    size: int  # bytes
+    sha256: str  # hex digest; engines verify every download against it
+
+
+class WeightManifest(msgspec.Struct, forbid_unknown_fields=True):
+    """What the policy server says about a stored version (GET /v1/versions/{v}/manifest)."""
+
+    version: int
+    created: float  # unix time the version became visible
+    files: list[FileEntry]

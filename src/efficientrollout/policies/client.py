@@ -38,6 +38,9 @@ class PolicyPublisher:
             return self.publish_file(path, version)
 
     def publish_file(self, path: Path, version: int | None = None) -> int:
+        auth = httpx.get(f"{self.url}/v1/auth", headers={"Authorization": f"Bearer {self.token}"}, timeout=self.timeout)
+        if auth.status_code != 200:  # before the upload: a server refusing mid-body just resets the connection
+            raise PolicyError(f"publish rejected ({auth.status_code}): {auth.json().get('error', auth.text)}")
         query = f"?version={version}" if version is not None else ""
         with open(path, "rb") as f:  # streamed from disk in 4 MiB blocks; urllib moves bulk bytes faster than httpx here
             body = iter(lambda: f.read(4 << 20), b"")
@@ -54,6 +57,8 @@ class PolicyPublisher:
                 except ValueError:
                     pass
                 raise PolicyError(f"publish rejected ({exc.code}): {detail}") from None
+            except (urllib.error.URLError, ConnectionError) as exc:
+                raise PolicyError(f"publish failed: {exc}") from None
 
 
 class PolicyClient:

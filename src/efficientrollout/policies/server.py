@@ -3,6 +3,8 @@
 GET  /v1/latest                          → {"version": N | null}
 GET  /v1/versions/{v}/manifest           → the version's manifest (sha256 per file)
 GET  /v1/versions/{v}/files/{name}       → the file; HTTP Range supported, so downloads resume
+GET  /v1/auth                             → 200 if the bearer token is right, else 401 (a
+                                           publisher checks before sending gigabytes)
 POST /v1/versions[?version=N]            → publish (Authorization: Bearer <token>; body: a
                                            safetensors file; optional X-Sha256 header)
 Uploads stream to a temporary file, are verified, then become visible atomically. Each new
@@ -49,10 +51,18 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
             return JSONResponse({"error": str(exc)}, status_code=404)
         return _BigChunkFileResponse(path, media_type="application/octet-stream")
 
-    async def publish(request: Request) -> Response:
+    def unauthorized(request: Request) -> Response | None:
         auth = request.headers.get("authorization", "")
         if not hmac.compare_digest(auth.encode(), f"Bearer {token}".encode()):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        return None
+
+    async def check_token(request: Request) -> Response:
+        return unauthorized(request) or JSONResponse({"ok": True})
+
+    async def publish(request: Request) -> Response:
+        if denied := unauthorized(request):
+            return denied
         version = request.query_params.get("version")
         with tempfile.TemporaryDirectory(dir=store.root, prefix=".upload.") as tmp:
             upload = Path(tmp) / "upload.safetensors"
@@ -83,4 +93,5 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         Route("/v1/versions/{version:int}/manifest", manifest),
         Route("/v1/versions/{version:int}/files/{name}", file),
         Route("/v1/versions", publish, methods=["POST"]),
+        Route("/v1/auth", check_token),
     ])

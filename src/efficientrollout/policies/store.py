@@ -18,19 +18,9 @@ from pathlib import Path
 import msgspec
 import torch
 
+from ..protocol import FileEntry, WeightManifest
+
 WEIGHTS_FILE = "model.safetensors"
-
-
-class FileEntry(msgspec.Struct):
-    name: str
-    size: int
-    sha256: str
-
-
-class WeightManifest(msgspec.Struct, forbid_unknown_fields=True):
-    version: int
-    created: float
-    files: list[FileEntry]
 
 
 class PolicyError(ValueError):
