@@ -89,7 +89,7 @@ def run_demo(a: argparse.Namespace) -> dict:
 
 def _phase(mode: str, a: argparse.Namespace, replay: dict | None) -> dict:
     engine_args = ["--model", a.model, "--speculation", mode, "--max-seq-len", str(a.max_new_tokens + 256),
-                   "--wave-size", str(max(1, 64 // a.n))]
+                   "--wave-size", "64"]  # requests; the replay sends each sample as its own request
     with tempfile.TemporaryDirectory(prefix="efficientrollout-demo.") as workdir:
         t0 = time.perf_counter()
         with Fleet(a.engines, workdir=workdir, engine_args=engine_args) as fleet:
