@@ -34,3 +34,20 @@ def test_worker_serves_a_wave_with_bad_entries_mixed_in(tiny_engine, tmp_path):
             await q.close()
 
         asyncio.run(main())
+
+
+def test_a_reused_request_id_in_a_later_submission_still_gets_its_results(tiny_engine, tmp_path):
+    with RedisServer(tmp_path / "redis") as server:
+        async def main():
+            q = RolloutQueue(server.url)
+            await q.setup()
+            worker = WaveWorker(tiny_engine, q, "w1", wave_size=4)
+            request = RolloutRequest(id="same", prompt="Hello", sampling=SamplingParams(max_new_tokens=2, ignore_eos=True))
+            for _ in range(2):  # e.g. a trainer restarted with the same id scheme
+                await q.submit(request)
+                assert (await worker.run_wave(block_ms=100)).results == 1
+            _, results = await q.read_results(block_ms=100)
+            assert [r.request_id for r in results] == ["same", "same"]
+            await q.close()
+
+        asyncio.run(main())

@@ -122,7 +122,7 @@ class WaveWorker:
                 if not batch:
                     continue
                 try:
-                    await self._write(batch, acks)
+                    await self._write(batch, acks, [entry_of[r.request_id] for r in batch])
                 except BaseException:
                     self.engine.abort()  # nobody will take its results: free the thread now
                     raise
@@ -133,13 +133,13 @@ class WaveWorker:
         await self.queue.release(self.consumer, unfinished)
         stats.released = len(unfinished)
 
-    async def _write(self, results: list[RolloutResult], acks: list[str]) -> None:
+    async def _write(self, results: list[RolloutResult], acks: list[str], entries: list[str]) -> None:
         """Write, riding out a Redis restart of up to `write_retry_s` (the results are the
         wave's work; unwritten ones would only come back after the lease expires)."""
         delay, deadline = 0.1, anyio.current_time() + self.write_retry_s
         while True:
             try:
-                await self.queue.write_results(results, ack_entry=acks)
+                await self.queue.write_results(results, ack_entry=acks, entries=entries)
                 return
             except REDIS_DOWN:
                 if anyio.current_time() > deadline:

@@ -136,12 +136,16 @@ class RolloutQueue:
         if entry_ids:
             await self.redis.xclaim(self.requests, self.group, consumer, 0, entry_ids, justid=True)
 
-    async def write_results(self, results: list[RolloutResult], ack_entry: str | list[str] | None = None) -> int:
-        """Write results (each at most once ever) and ack finished entries, atomically."""
+    async def write_results(self, results: list[RolloutResult], ack_entry: str | list[str] | None = None,
+                            entries: list[str] | None = None) -> int:
+        """Write results (each at most once ever) and ack finished entries, atomically.
+        `entries[i]`: the queue entry result i answers; the dedupe key is (entry, sample), so a
+        redelivered entry never yields a duplicate while a client that reuses a request id in a
+        later submission still gets its results. Without entries the key is (request id, sample)."""
         acks = [ack_entry] if isinstance(ack_entry, str) else list(ack_entry or [])
         args: list[bytes | str | float | int] = [self.group, time.time(), self.dedupe_ttl_s, self.results_maxlen, len(acks), *acks]
-        for r in results:
-            args += [f"{r.request_id}/{r.sample_index}", _encode(r)]
+        for i, r in enumerate(results):
+            args += [f"{entries[i] if entries else r.request_id}/{r.sample_index}", _encode(r)]
         return int(await self._write(keys=[self.requests, self.results, self.done], args=args))
 
     async def release(self, consumer: str, entry_ids: list[str]) -> None:
@@ -172,7 +176,7 @@ class RolloutQueue:
         results = [RolloutResult(request_id=request_id, sample_index=i, policy_version=-1, prompt_token_ids=[],
                                  output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
                                  metadata=metadata) for i in range(samples)]
-        await self.write_results(results, ack_entry=claimed.entry_id)
+        await self.write_results(results, ack_entry=claimed.entry_id, entries=[claimed.entry_id] * samples)
 
     # ---- internals -----------------------------------------------------------------------
 
