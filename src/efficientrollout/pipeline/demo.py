@@ -206,6 +206,8 @@ def _plot(phases: dict[str, dict], png: str) -> None:
                 markers.append((start, f"{mode}: version {w['version']}"))
             last_version = w["version"]
             rows += [(start + s[0], s[1], s[2], s[6]) for s in w["steps"]]
+            last = w["steps"][-1]
+            rows.append((start + last[0] + last[6], float("nan"), float("nan"), float("nan")))  # a gap between waves
         series[mode] = rows
     plot_timeline(series, png, "Demo rollout: batch size, draft length and step time per engine step", markers,
                   xlabel="seconds since the first wave")
