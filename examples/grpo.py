@@ -192,7 +192,6 @@ def main() -> None:
     ap.add_argument("--policy")
     ap.add_argument("--token")
     a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     results: dict[str, list[dict]] = {}
     if a.redis:

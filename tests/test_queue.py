@@ -39,9 +39,9 @@ def test_round_trip_and_no_duplicate_results(redis_server):
         await q.submit(RolloutRequest(id="a", prompt="hi", sampling=SamplingParams(n=2)))
         [c] = await q.claim("w1", 8, block_ms=100)
         assert c.request.id == "a" and c.error is None
-        assert await q.write_results([result("a", 0)]) == 1
+        assert await q.write_results([result("a", 0)], [c.entry_id]) == 1
         # the same sample written again (a redelivered request) is dropped
-        assert await q.write_results([result("a", 0, "again"), result("a", 1)], ack_entry=c.entry_id) == 1
+        assert await q.write_results([result("a", 0, "again"), result("a", 1)], [c.entry_id] * 2, acks=[c.entry_id]) == 1
         _, results = await q.read_results(block_ms=100)
         assert sorted((r.request_id, r.sample_index, r.text) for r in results) == [("a", 0, "ok"), ("a", 1, "ok")]
         assert (await q.redis.xpending(q.requests, q.group))["pending"] == 0
@@ -139,7 +139,7 @@ def test_acl_user_and_password_in_the_url(redis_server):
         q = await _queue(authed)
         await q.submit(RolloutRequest(id="acl", prompt="hi"))
         [c] = await q.claim("w1", 8, block_ms=100)
-        await q.write_results([result("acl", 0)], ack_entry=c.entry_id)
+        await q.write_results([result("acl", 0)], [c.entry_id], acks=[c.entry_id])
         assert [r.request_id for r in (await q.read_results(block_ms=100))[1]] == ["acl"]
         await q.close()
         with pytest.raises(sync_redis.exceptions.AuthenticationError):

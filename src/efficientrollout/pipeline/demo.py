@@ -153,10 +153,10 @@ async def _produce(fleet: Fleet, a: argparse.Namespace, replay: dict | None) -> 
     versions: dict[str, int] = {}
     for r in ok:
         versions[str(r.policy_version)] = versions.get(str(r.policy_version), 0) + 1
-    stale = sum(1 for r in ok if r.policy_version < int(r.request_id.split("-")[0][5:]))
-    lengths = {}
+    stale, lengths = 0, {}
     for r in ok:
         rnd, prompt = map(int, re.match(r"round(\d+)-prompt(\d+)", r.request_id).groups())
+        stale += r.policy_version < rnd  # round r asks for version r
         lengths[(rnd, prompt, r.sample_index)] = len(r.output_token_ids)
     return {"samples": len(results), "errors": len(results) - len(ok), "tokens": tokens, "rollout_s": round(rollout_s, 2),
             "tokens_per_s": round(tokens / rollout_s, 1), "latency_p50_s": round(statistics.median(latencies), 2),

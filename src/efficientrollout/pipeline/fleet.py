@@ -39,6 +39,7 @@ class Fleet:
         self.policy_server: subprocess.Popen | None = None
         self.engines: list[subprocess.Popen] = []
         self._started = 0
+        self._redis: redis.Redis | None = None
 
     @property
     def redis_url(self) -> str:
@@ -77,18 +78,19 @@ class Fleet:
 
     def status(self) -> dict:
         """Engines (from their heartbeats) and the queue, as one dict."""
-        r = redis.Redis.from_url(self.redis_url)
+        if self._redis is None:  # one connection for every status poll (wait_for_version polls at 50 Hz)
+            self._redis = redis.Redis.from_url(self.redis_url)
+        r = self._redis
         try:
             engines = [json.loads(r.get(k) or "null") for k in sorted(r.scan_iter(f"{self.prefix}:engines:*"))]
             requests = f"{self.prefix}:requests"
-            waiting = r.xlen(requests) if r.exists(requests) else 0
-            pending = r.xpending(requests, "engines")["pending"] if r.exists(requests) else 0
+            exists = r.exists(requests)
+            waiting = r.xlen(requests) if exists else 0
+            pending = r.xpending(requests, "engines")["pending"] if exists else 0
             return {"engines": [e for e in engines if e], "queue": {"waiting": waiting - pending, "in_progress": pending},
                     "policy_version": int(r.get(f"{self.prefix}:policy:latest") or 0)}
         except redis.ResponseError:  # no consumer group yet
             return {"engines": [], "queue": {"waiting": 0, "in_progress": 0}, "policy_version": 0}
-        finally:
-            r.close()
 
     def wait_for_version(self, version: int, timeout: float = 300.0) -> None:
         """Block until every live engine serves `version` or newer (a trainer's weight sync)."""
@@ -111,6 +113,9 @@ class Fleet:
         if self.policy_server and self.policy_server.poll() is None:
             self.policy_server.terminate()
             self.policy_server.wait(timeout=10)
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
         if self.redis_server:
             self.redis_server.stop()
 

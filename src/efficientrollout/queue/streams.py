@@ -3,7 +3,7 @@
 Requests go to `<prefix>:requests`; an engine claims a wave with XREADGROUP, streams each
 result to `<prefix>:results` as its sample finishes and acknowledges the request with its
 last result, all inside one Lua script (atomic). A result is written at most once per
-(request id, sample index): a request delivered twice (its first worker died after writing
+(queue entry, sample index): a request delivered twice (its first worker died after writing
 some results) never yields a duplicate. Entries idle past their lease are reclaimed with
 XAUTOCLAIM by a live worker; one delivered more than `max_deliveries` times goes to
 `<prefix>:dead` and its client gets error results instead of waiting forever.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -136,16 +137,14 @@ class RolloutQueue:
         if entry_ids:
             await self.redis.xclaim(self.requests, self.group, consumer, 0, entry_ids, justid=True)
 
-    async def write_results(self, results: list[RolloutResult], ack_entry: str | list[str] | None = None,
-                            entries: list[str] | None = None) -> int:
-        """Write results (each at most once ever) and ack finished entries, atomically.
-        `entries[i]`: the queue entry result i answers; the dedupe key is (entry, sample), so a
-        redelivered entry never yields a duplicate while a client that reuses a request id in a
-        later submission still gets its results. Without entries the key is (request id, sample)."""
-        acks = [ack_entry] if isinstance(ack_entry, str) else list(ack_entry or [])
+    async def write_results(self, results: list[RolloutResult], entries: list[str], acks: Sequence[str] = ()) -> int:
+        """Write results and ack finished entries, atomically. `entries[i]` is the queue entry
+        result i answers: each (entry, sample) is written at most once ever, so a redelivered
+        entry never yields a duplicate while a request id reused in a later submission (a new
+        entry) still gets its results."""
         args: list[bytes | str | float | int] = [self.group, time.time(), self.dedupe_ttl_s, self.results_maxlen, len(acks), *acks]
-        for i, r in enumerate(results):
-            args += [f"{entries[i] if entries else r.request_id}/{r.sample_index}", _encode(r)]
+        for entry, r in zip(entries, results, strict=True):
+            args += [f"{entry}/{r.sample_index}", _encode(r)]
         return int(await self._write(keys=[self.requests, self.results, self.done], args=args))
 
     async def release(self, consumer: str, entry_ids: list[str]) -> None:
@@ -176,7 +175,7 @@ class RolloutQueue:
         results = [RolloutResult(request_id=request_id, sample_index=i, policy_version=-1, prompt_token_ids=[],
                                  output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
                                  metadata=metadata) for i in range(samples)]
-        await self.write_results(results, ack_entry=claimed.entry_id, entries=[claimed.entry_id] * samples)
+        await self.write_results(results, [claimed.entry_id] * samples, acks=[claimed.entry_id])
 
     # ---- internals -----------------------------------------------------------------------
 
