@@ -35,7 +35,7 @@ from ..policies import PolicyClient
 from ..queue import RolloutQueue
 from .metrics import WorkerMetrics, serve_http
 from .worker import REDIS_DOWN as _REDIS_DOWN
-from .worker import WaveStats, WaveWorker
+from .worker import WaveStats, WaveWorker, redis_down
 
 log = logging.getLogger("efficientrollout.engine")
 
@@ -104,15 +104,20 @@ class EngineService:
 
     async def _serve(self) -> None:
         backoff = 0.1
-        force_poll = True
+        force_poll, connected = True, False
         while not self._stopping.is_set():
             try:
-                await self.queue.setup()
+                if not connected:  # the group again after an outage: a Redis without AOF comes back empty
+                    await self.queue.setup()
+                    connected = True
                 await self._sync_policy(force_poll)
                 self.state = "idle"
                 stats = await self.worker.run_wave(block_ms=500)
                 backoff = 0.1
-            except _REDIS_DOWN as exc:
+            except Exception as exc:
+                if not redis_down(exc):
+                    raise
+                connected = False
                 self.state = "redis-down"
                 log.warning("redis unreachable (%s); retrying in %.1fs", exc, backoff)
                 await anyio.sleep(backoff)

@@ -26,6 +26,13 @@ from ..queue import Claimed, RolloutQueue
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
+def redis_down(exc: BaseException) -> bool:
+    """An outage, however it surfaced: raised directly or from inside a task group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(REDIS_DOWN)[1] is None
+    return isinstance(exc, REDIS_DOWN)
+
+
 class Engine(Protocol):
     """What a worker needs from an engine (NativeEngine; later SGLang)."""
 
@@ -94,7 +101,10 @@ class WaveWorker:
         async def keep_leases() -> None:
             while True:
                 await anyio.sleep(self.queue.lease_ms / 3000)
-                await self.queue.extend(self.consumer, [entry_of[r] for r, left in remaining.items() if left > 0])
+                try:
+                    await self.queue.extend(self.consumer, [entry_of[r] for r, left in remaining.items() if left > 0])
+                except REDIS_DOWN:
+                    pass  # Redis is away: a missed renewal at worst lets another worker redo (deduplicated) work
 
         async def stop_on_request() -> None:
             await self.stop.wait()
@@ -139,7 +149,7 @@ class WaveWorker:
         delay, deadline = 0.1, anyio.current_time() + self.write_retry_s
         while True:
             try:
-                await self.queue.write_results(results, ack_entry=acks, entries=entries)
+                await self.queue.write_results(results, entries, acks=acks)
                 return
             except REDIS_DOWN:
                 if anyio.current_time() > deadline:
