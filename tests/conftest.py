@@ -8,6 +8,7 @@ import torch
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.models.checkpoint import bundled_model_dir
+from efficientrollout.queue import RedisServer
 from efficientrollout.speculation import SpeculationConfig
 
 PLAIN = SpeculationConfig(mode="plain")
@@ -63,3 +64,9 @@ def tiny_engine(tiny_dir):
 @pytest.fixture(scope="session")
 def smollm2_engine():
     return NativeEngine(EngineConfig(dtype="float32", max_batch_size=8, max_seq_len=512, speculation=PLAIN))
+
+
+@pytest.fixture()
+def redis_server(tmp_path):
+    with RedisServer(tmp_path / "redis", appendfsync="always") as server:
+        yield server

@@ -129,6 +129,37 @@ def test_prompt_forms_and_bad_requests_become_error_results(tiny_engine):
         SamplingParams(max_new_tokens=-1)
 
 
+def test_results_say_which_backend_and_precision_computed_their_logprobs(tiny_engine):
+    ok, err = tiny_engine.generate([req(0, "Hello", max_new_tokens=2), RolloutRequest(id="bad", prompt="")])
+    assert (ok.backend, ok.dtype) == (err.backend, err.dtype) == ("native", "float32")
+
+
+def test_a_sample_finished_at_prefill_has_sane_timings(tiny_engine):
+    # max_new_tokens=1: the first token, sampled right after prefill, finishes the sample
+    [r] = tiny_engine.generate([req(0, "Hello there", max_new_tokens=1, ignore_eos=True)])
+    assert len(r.output_token_ids) == 1 and r.finish_reason == "length"
+    assert 0.0 <= r.timings.queued_s < 60.0 and r.timings.prefill_s > 0.0
+
+
+def test_abort_between_waves_does_not_touch_the_next_wave(tiny_engine):
+    tiny_engine.abort()  # nothing is generating: e.g. a worker stopping after its wave already ended
+    results = tiny_engine.generate([req(i, "Hello", temperature=0.0, max_new_tokens=5, ignore_eos=True) for i in range(3)])
+    assert [len(r.output_token_ids) for r in results] == [5, 5, 5]
+
+
+def test_requests_that_break_encoding_or_sampling_are_their_own_errors(tiny_engine):
+    requests = [
+        RolloutRequest(id="no-messages", messages=[]),  # the chat template raises
+        req(1, "Hello", temperature=1e-45, max_new_tokens=4),  # logits / T overflow: non-finite log-probs
+        req(2, "Hello", temperature=0.0, max_new_tokens=4, ignore_eos=True),
+    ]
+    bad_empty, bad_temperature, good = tiny_engine.generate(requests)
+    assert bad_empty.finish_reason == "error" and "empty conversation" in bad_empty.error
+    assert bad_temperature.finish_reason == "error" and "log-probability" in bad_temperature.error
+    assert bad_temperature.output_token_ids == [] and bad_temperature.logprobs == []
+    assert good.finish_reason == "length" and len(good.output_token_ids) == 4
+
+
 def test_weight_update_changes_output_and_bad_update_is_rejected(tiny_engine, tiny_dir, tmp_path):
     from conftest import build_tiny_checkpoint
 

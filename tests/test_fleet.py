@@ -18,7 +18,6 @@ from efficientrollout.models import read_state_dict
 from efficientrollout.pipeline.fleet import Fleet
 from efficientrollout.policies import PolicyError, PolicyPublisher, PolicyStore
 from efficientrollout.protocol import RolloutRequest, SamplingParams
-from efficientrollout.queue import RedisServer
 
 ENGINE = ["--speculation", "plain", "--max-batch-size", "8", "--max-seq-len", "512", "--dtype", "float32"]
 
@@ -35,12 +34,6 @@ def exactly_once(results, requests) -> None:
     assert max(counts.values()) == 1
     assert all(r.finish_reason == "length" and len(r.output_token_ids) == next(
         q.sampling.max_new_tokens for q in requests if q.id == r.request_id) for r in results)
-
-
-@pytest.fixture()
-def redis_server(tmp_path):
-    with RedisServer(tmp_path / "redis", appendfsync="always") as server:
-        yield server
 
 
 def fleet(tmp_path, tiny_dir, redis_url: str, engines: int, *extra: str) -> Fleet:
@@ -111,6 +104,8 @@ def hostile_payloads() -> list[tuple[str | None, bytes]]:
     served_badly = [  # valid wire format, but the engine cannot serve them
         {"prompt": "word " * 5000}, {"prompt_token_ids": [10**9]}, {"prompt_token_ids": [-1]}, {"prompt_token_ids": []},
         {"prompt": ""}, {"prompt_token_ids": [1] * 600},
+        {"messages": []},  # the chat template raises on an empty conversation
+        {"prompt": "x", "sampling": {"temperature": 1e-45}},  # logits / T overflow: non-finite log-probs
     ]
     for i, fields in enumerate(served_badly * 6):
         out.append((f"unservable{i}", enc({"id": f"unservable{i}", **fields})))

@@ -95,7 +95,9 @@ class SpeculationStats(msgspec.Struct, kw_only=True):
 class RolloutResult(msgspec.Struct, kw_only=True):
     """One completion. `logprobs[i]` is the target policy's log-probability of
     `output_token_ids[i]` under the temperature-scaled full-vocabulary distribution
-    (log_softmax(logits / T); T = 1 for greedy requests), before any top-k/top-p filter."""
+    (log_softmax(logits / T); T = 1 for greedy requests), before any top-k/top-p filter,
+    computed by `backend` in `dtype`: an fp32 engine matches a trainer's fp32 recomputation to
+    ~1e-5 nats, a bf16 one only to bf16's noise (~0.05 nats mean, up to ~1 nat at single tokens)."""
 
     request_id: str
     sample_index: int
@@ -107,6 +109,8 @@ class RolloutResult(msgspec.Struct, kw_only=True):
     finish_reason: str
     error: str | None = None
     engine_id: str = ""
+    backend: str = ""  # the engine backend that generated it: "native", "sglang"
+    dtype: str = ""  # the precision its log-probs were computed in: "float32", "bfloat16", ...
     timings: Timings = msgspec.field(default_factory=Timings)
     speculation: SpeculationStats = msgspec.field(default_factory=SpeculationStats)
     metadata: dict[str, object] = {}

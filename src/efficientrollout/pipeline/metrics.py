@@ -21,6 +21,7 @@ _HELP = {
     "errors": ("counter", "error results written"),
     "output_tokens": ("counter", "output tokens generated"),
     "deferred": ("counter", "requests put back because they need a newer policy version"),
+    "engine_failures": ("counter", "engine waves that raised (their requests were served again apart or released)"),
     "decode_steps": ("counter", "decode steps"),
     "speculative_steps": ("counter", "decode steps that speculated (K > 0)"),
     "drafted_tokens": ("counter", "draft tokens proposed"),
@@ -46,6 +47,7 @@ class WorkerMetrics:
     errors: int = 0
     output_tokens: int = 0
     deferred: int = 0
+    engine_failures: int = 0
     decode_steps: int = 0
     speculative_steps: int = 0
     drafted_tokens: int = 0

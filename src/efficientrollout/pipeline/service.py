@@ -30,7 +30,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from ..engines.native import NativeEngine
+from ..engines import Engine, EngineUnusable
 from ..policies import PolicyClient
 from ..queue import RolloutQueue
 from .metrics import WorkerMetrics, serve_http
@@ -60,7 +60,7 @@ class WorkerConfig:
 
 
 class EngineService:
-    def __init__(self, engine: NativeEngine, config: WorkerConfig):
+    def __init__(self, engine: Engine, config: WorkerConfig):
         self.engine, self.config = engine, config
         self.queue = RolloutQueue(config.redis_url, prefix=config.prefix, lease_ms=config.lease_ms,
                                   max_deliveries=config.max_deliveries)
@@ -114,6 +114,9 @@ class EngineService:
                 self.state = "idle"
                 stats = await self.worker.run_wave(block_ms=500)
                 backoff = 0.1
+            except EngineUnusable as exc:
+                log.critical("engine %s is unusable (%s); its wave was released, exiting", self.engine.engine_id, exc)
+                raise
             except Exception as exc:
                 if not redis_down(exc):
                     raise
@@ -137,6 +140,7 @@ class EngineService:
         m.errors += stats.errors
         m.output_tokens += stats.tokens
         m.deferred += stats.deferred
+        m.engine_failures += stats.engine_failures
         if stats.results:
             m.tokens_per_second = stats.tokens / max(stats.seconds, 1e-9)
         trace = list(self.engine.trace) if stats.results else []
@@ -207,7 +211,7 @@ class EngineService:
 
     def status(self) -> dict:
         m = self.metrics
-        return {"engine": self.engine.engine_id, "host": socket.gethostname(), "pid": os.getpid(), "state": self.state,
+        return {"engine": self.engine.engine_id, "backend": self.engine.backend, "dtype": self.engine.dtype, "host": socket.gethostname(), "pid": os.getpid(), "state": self.state,
                 "version": self.engine.version, "waves": m.waves, "results": m.results, "tokens": m.output_tokens,
                 "tokens_per_second": round(m.tokens_per_second, 1), "acceptance": round(m.acceptance_rate, 3),
                 "speculated": round(m.speculated_fraction, 3), "update_failures": m.weight_update_failures,

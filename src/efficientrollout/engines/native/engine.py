@@ -7,12 +7,14 @@ batch), repeat. Bookkeeping is plain Python (Sequence); tensors live in ModelRun
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,7 @@ from ...protocol import (
 from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate, StepRecord
 from ...speculation.drafter import pick_kernel
+from ..base import EngineUnusable
 from .runner import ModelRunner
 from .sequence import Sequence
 from .speculative import speculative_step
@@ -76,12 +79,18 @@ class PromptError(ValueError):
     """A request this engine cannot serve (bad tokens, too long, too new a policy version)."""
 
 
+log = logging.getLogger("efficientrollout.engine")
+
+
 class NativeEngine:
+    backend = "native"
+
     def __init__(self, config: EngineConfig | None = None, *, engine_id: str | None = None):
         self.config = config = config or EngineConfig()
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        loaded = load_model(config.model, self.dtype, self.device, config.max_seq_len)
+        self.torch_dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = str(self.torch_dtype).removeprefix("torch.")  # what results report their log-probs in
+        loaded = load_model(config.model, self.torch_dtype, self.device, config.max_seq_len)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.model_path = loaded.path
@@ -90,6 +99,7 @@ class NativeEngine:
         self.engine_id = engine_id or f"native-{socket.gethostname()}-{os.getpid()}"
         self._generating = False
         self._abort = False
+        self._lock = threading.Lock()  # makes abort() and the start of a wave atomic with each other
         self.gate = SpeculationGate(config.speculation)
         self.drafter: Drafter | None = None
         self.trace: list[StepRecord] = []  # the last wave's steps
@@ -161,35 +171,46 @@ class NativeEngine:
         results = list(self.stream(requests))
         return sorted(results, key=lambda r: (order[r.request_id], r.sample_index))
 
-    def stream(self, requests: Iterable[RolloutRequest]) -> Iterator[RolloutResult]:
-        """Generate a wave; yield each sample's result as soon as it finishes."""
-        if self._generating:
-            raise RuntimeError("this engine is already generating a wave")
-        self._generating = True
+    def stream(self, requests: Iterable[RolloutRequest], stop: Callable[[], bool] | None = None) -> Iterator[RolloutResult]:
+        """Generate a wave; yield each sample's result as soon as it finishes. A request that
+        cannot be served (encoding, chat template, non-finite log-probs) gets error results and
+        the wave goes on; `stop()` turning true (or `abort()`) ends the wave after its current
+        step, and samples not finished by then yield no result."""
+        with self._lock:
+            if self._generating:
+                raise RuntimeError("this engine is already generating a wave")
+            self._generating, self._abort = True, False
         try:
             waiting: deque[Sequence] = deque()
             for request in requests:
                 try:
                     waiting.extend(self._sequences(request))
-                except PromptError as exc:
-                    yield from (self._error_result(request, i, str(exc)) for i in range(request.sampling.n))
+                except Exception as exc:  # noqa: BLE001 - one request's failure is its own error result
+                    error = str(exc) if isinstance(exc, PromptError) else f"could not encode the prompt ({type(exc).__name__}: {exc})"
+                    yield from (self._error_result(request, i, error) for i in range(request.sampling.n))
             running: list[Sequence] = []
             self.trace, self._wave_t0 = [], time.perf_counter()
             self.gate.start_wave()
-            while (waiting or running) and not self._abort:
+            while (waiting or running) and not self._abort and not (stop is not None and stop()):
                 if waiting and len(running) < self.config.max_batch_size:
                     yield from self._admit(waiting, running)
                 if running:
                     yield from self._decode_step(running, wave_filled=not waiting)
             self.gate.end_wave()
+        except Exception as exc:
+            if self.device.type == "cuda" and isinstance(exc, getattr(torch, "AcceleratorError", ())):
+                raise EngineUnusable(f"the CUDA context is broken: {exc}") from exc
+            raise
         finally:
-            self._generating = self._abort = False
+            with self._lock:
+                self._generating = self._abort = False
 
     def abort(self) -> None:
-        """Stop the wave being generated (or the next one, if none is) after its current step;
-        samples not finished by then yield no result. Thread-safe: a worker that must shut down
-        now calls it from its event loop."""
-        self._abort = True
+        """Stop the wave being generated after its current step (between waves: no effect).
+        Thread-safe: a worker that must shut down now calls it from its event loop."""
+        with self._lock:
+            if self._generating:
+                self._abort = True
 
     def _sequences(self, request: RolloutRequest) -> list[Sequence]:
         if request.min_policy_version > self.version:
@@ -236,11 +257,11 @@ class NativeEngine:
             t0 = time.perf_counter()
             slots = list(range(len(running), len(running) + len(group)))
             logits = self.runner.prefill([s.prompt_ids for s in group], slots)
+            elapsed = time.perf_counter() - t0
+            for s in group:  # before sampling: a sample can finish at its first token
+                s.t_admitted, s.prefill_s = t0, elapsed
             running.extend(group)
             yield from self._sample_and_retire(logits, running, slots)
-            elapsed = time.perf_counter() - t0
-            for s in group:
-                s.t_admitted, s.prefill_s = t0, elapsed
 
     def _decode_step(self, running: list[Sequence], wave_filled: bool) -> Iterator[RolloutResult]:
         """One step for every running sample: plain, or speculative with the gate's K."""
@@ -305,9 +326,15 @@ class NativeEngine:
             if i < len(running):
                 self.runner.move(len(running), i, last.num_tokens)
                 running[i] = last
-            yield self._result(done)
+            try:
+                result = self._result(done)
+            except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer cannot decode this sample's tokens
+                result = self._error_result(done.request, done.sample_index, f"could not build the result ({type(exc).__name__}: {exc})")
+            yield result
 
     def _result(self, s: Sequence) -> RolloutResult:
+        if s.error is not None:
+            return self._error_result(s.request, s.sample_index, s.error)
         now = time.perf_counter()
         return RolloutResult(
             request_id=s.request.id,
@@ -319,6 +346,8 @@ class NativeEngine:
             logprobs=s.logprobs,
             finish_reason=s.finish_reason,
             engine_id=self.engine_id,
+            backend=self.backend,
+            dtype=self.dtype,
             timings=Timings(queued_s=s.t_admitted - s.t_enqueued, prefill_s=s.prefill_s, decode_s=now - s.t_first_token),
             speculation=SpeculationStats(drafted=s.drafted, accepted=s.accepted),
             metadata=s.request.metadata,
@@ -328,7 +357,7 @@ class NativeEngine:
         return RolloutResult(
             request_id=request.id, sample_index=index, policy_version=self.version, prompt_token_ids=[],
             output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
-            engine_id=self.engine_id, metadata=request.metadata,
+            engine_id=self.engine_id, backend=self.backend, dtype=self.dtype, metadata=request.metadata,
         )
 
 

@@ -1,0 +1,46 @@
+"""What the fleet needs from an engine, whatever backend runs it.
+
+A worker knows engines only through this protocol: it streams a wave, stops it early, loads
+new weights between waves and reads the last wave's step trace. `backend` and `dtype` say what
+computed the log-probs of every result (they are copied into each `RolloutResult`), so a
+trainer can tell an fp32 engine, whose log-probs match its own fp32 recomputation to ~1e-5,
+from a bf16 one (~0.05 nats apart).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Protocol
+
+import torch
+
+from ..protocol import RolloutRequest, RolloutResult
+from ..speculation import StepRecord
+
+
+class EngineUnusable(RuntimeError):
+    """The engine cannot serve any more waves (e.g. its CUDA context is broken): the worker
+    releases its wave for other engines and the process exits."""
+
+
+class Engine(Protocol):
+    engine_id: str
+    version: int  # the policy version every result of the next wave will carry
+    backend: str  # "native", "sglang"
+    dtype: str  # the precision the log-probs are computed in: "float32", "bfloat16", ...
+    trace: list[StepRecord]  # the last wave's steps
+
+    def stream(self, requests: Iterable[RolloutRequest], stop: Callable[[], bool] | None = None) -> Iterator[RolloutResult]:
+        """Generate a wave, yielding each sample's result as soon as it finishes. A failure of
+        one request (its encoding, its sampling parameters) is that request's error result;
+        `stop()` turning true ends the wave after the current step."""
+        ...
+
+    def abort(self) -> None:
+        """End the wave now being generated after its current step (no effect between waves)."""
+        ...
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | str | os.PathLike, version: int) -> float:
+        """Load new weights between waves (old ones keep serving if they do not fit)."""
+        ...

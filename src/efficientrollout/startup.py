@@ -1,0 +1,35 @@
+"""Keep start-up output to what a user needs.
+
+Importing torchao logs a warning for each optional CUDA extension it cannot load (the CPU wheel
+ships `_C_mxfp8` / `_C_cutlass_90a` builds for another Python and GPU), and torch's pytree logs a
+deprecation notice for each Enum torchao registers. Neither is actionable, and users read them
+as breakage. Only those exact messages are dropped; any other warning from either library still
+shows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+_KNOWN_NOISE = {
+    "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(f in message for f in self.fragments)
+
+
+def quiet_known_noise() -> None:
+    """Install the filters (idempotent); must run before torchao is first imported."""
+    for name, fragments in _KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
+            logger.addFilter(_DropKnownNoise(fragments))
