@@ -146,7 +146,11 @@ def test_bad_weights_are_rejected_and_engines_keep_serving(tmp_path, tiny_dir, r
     with fleet(tmp_path, tiny_dir, redis_server.url, 1) as f:
         publisher = PolicyPublisher(f.policy_url, f.token)
         assert publisher.publish({k: v * 1.01 for k, v in state.items()}) == 1
-        wait_for(lambda: q.engine_version("engine-1") == 1, 60, "version 1 served")
+        wait_for(lambda: q.engine_version("engine-1") == 1, 60, "version 1 served")  # the fleet gave it the read token
+        manifest = f"{f.policy_url}/v1/versions/1/manifest"
+        assert httpx.get(manifest).status_code == 401  # weights are not readable without a token
+        assert httpx.get(manifest, headers={"Authorization": f"Bearer {f.read_token}"}).status_code == 200
+        assert f.read_token != f.token
 
         with pytest.raises(PolicyError, match="401"):
             PolicyPublisher(f.policy_url, "wrong").publish(state)

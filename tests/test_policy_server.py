@@ -1,8 +1,11 @@
 """The policy server over real HTTP (Uvicorn on loopback) with a real Redis for announcements:
-authenticated atomic publish, rejected bad uploads, verified and resumable downloads."""
+authenticated atomic publish, rejected bad uploads, read-protected, verified and resumable
+downloads, concurrent publishes that conflict cleanly, and client-side error classification
+(transient 5xx and connection errors vs permanent 4xx) against real HTTP servers."""
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 import time
@@ -16,9 +19,11 @@ import uvicorn
 from efficientrollout.models import read_state_dict
 from efficientrollout.policies import (
     PolicyClient,
+    PolicyConflict,
     PolicyError,
     PolicyPublisher,
     PolicyStore,
+    PolicyUnavailable,
 )
 from efficientrollout.policies.server import create_app
 from efficientrollout.queue import RedisServer
@@ -31,7 +36,8 @@ def policy_server(tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         store = PolicyStore(tmp_path / "store")
-        server = uvicorn.Server(uvicorn.Config(create_app(store, "s3cret", rs.url), host="127.0.0.1", port=port, log_level="warning"))
+        app = create_app(store, "s3cret", rs.url, read_token="r3ad")
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         while not server.started:
@@ -46,7 +52,7 @@ def test_publish_fetch_and_announce(policy_server, tmp_path):
     state = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4)}
     assert PolicyPublisher(url, "s3cret").publish(state) == 1
     assert PolicyPublisher(url, "s3cret").publish(state) == 2
-    client = PolicyClient(url)
+    client = PolicyClient(url, "r3ad")
     assert client.latest() == 2
     path = client.download(2, tmp_path / "dl")
     assert read_state_dict(path)["a"].tolist() == state["a"].tolist()
@@ -71,10 +77,106 @@ def test_download_resumes_a_partial_file(policy_server, tmp_path):
     url, store, _ = policy_server
     PolicyPublisher(url, "s3cret").publish({"w": torch.randn(1000)})
     full = store.path(1).read_bytes()
-    part = httpx.get(f"{url}/v1/versions/1/files/model.safetensors", headers={"Range": "bytes=1000-"})
+    part = httpx.get(f"{url}/v1/versions/1/files/model.safetensors", headers={"Range": "bytes=1000-", "Authorization": "Bearer r3ad"})
     assert part.status_code == 206 and part.content == full[1000:]  # the server resumes
     dest = tmp_path / "dl"
     dest.mkdir()
     (dest / "v1.model.safetensors").write_bytes(full[:1000])  # a download cut short
-    path = PolicyClient(url).download(1, dest)
+    path = PolicyClient(url, "r3ad").download(1, dest)
     assert path.read_bytes() == full
+
+
+def test_weights_and_manifests_need_a_read_token(policy_server, tmp_path):
+    url, store, _ = policy_server
+    PolicyPublisher(url, "s3cret").publish({"w": torch.randn(100)})
+    secret_bytes, sha = store.path(1).read_bytes(), store.manifest(1).files[0].sha256
+    for path in ("/v1/versions/1/manifest", "/v1/versions/1/files/model.safetensors", "/v1/versions/9/manifest",
+                 "/v1/versions/1/files/other"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "r3ad"}, {"Authorization": "Bearer r3ad2"}):
+            r = httpx.get(f"{url}{path}", headers=headers)
+            # refused alike whether the version or file exists or not: nothing leaks, not even existence
+            assert r.status_code == 401 and r.json() == {"error": "missing or wrong bearer token"}, (path, headers)
+            assert sha not in r.text and secret_bytes[:64] not in r.content
+    with pytest.raises(PolicyError, match="401"):
+        PolicyClient(url).manifest(1)
+    with pytest.raises(PolicyError, match="401"):
+        PolicyClient(url, "wrong").download(1, tmp_path / "dl")
+    assert not list((tmp_path / "dl").glob("*"))
+    for token in ("r3ad", "s3cret"):  # the read token reads, and so does the publish token
+        assert PolicyClient(url, token).download(1, tmp_path / token).read_bytes() == secret_bytes
+    # the read token cannot publish; the open endpoints stay open
+    with pytest.raises(PolicyError, match="401"):
+        PolicyPublisher(url, "r3ad").publish({"w": torch.zeros(1)})
+    assert httpx.get(f"{url}/v1/latest").json() == {"version": 1} and httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_concurrent_publishes_of_one_version_conflict_cleanly(policy_server):
+    url, store, _ = policy_server
+    outcomes: list[object] = []
+
+    def publish(value: float) -> None:
+        try:
+            outcomes.append(PolicyPublisher(url, "s3cret").publish({"w": torch.full((50_000,), value)}, version=5))
+        except PolicyError as exc:
+            outcomes.append(exc)
+
+    for _ in range(3):
+        outcomes.clear()
+        threads = [threading.Thread(target=publish, args=(float(i),)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        errors = [o for o in outcomes if isinstance(o, Exception)]
+        assert all("409" in str(e) for e in errors), errors  # a clear conflict, never a 500
+        assert len(errors) >= 1 and store.versions() == [5]
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]  # no debris
+    r = httpx.post(f"{url}/v1/versions?version=5", content=store.path(5).read_bytes(), headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 409 and "not newer" in r.json()["error"]
+
+
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    """A server (or proxy) in front of the policy store that answers every GET with one status."""
+
+    status = 503
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path.endswith("/manifest") and self.server.fail == "files":
+            manifest = b'{"version": 1, "created": 0.0, "files": [{"name": "model.safetensors", "size": 10, "sha256": "00"}]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(manifest)))
+            self.end_headers()
+            self.wfile.write(manifest)
+            return
+        self.server.hits += 1
+        self.send_response(self.status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"no")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status, fail, expected", [
+    (503, "manifest", PolicyUnavailable), (404, "manifest", PolicyError),
+    (503, "files", PolicyUnavailable), (404, "files", PolicyError),
+])
+def test_http_errors_are_classified_by_status(tmp_path, status, fail, expected):
+    handler = type("Handler", (_StatusHandler,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.hits, server.fail = 0, fail
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = PolicyClient(f"http://127.0.0.1:{server.server_port}", "r3ad", retries=2)
+        with pytest.raises(expected) as info:
+            client.download(1, tmp_path / "dl")
+        assert type(info.value) is expected  # 5xx is not a PolicyError (the engine would blacklist the version)
+        if fail == "files":  # 4xx: asked once, not retried; 5xx: retried, then given up for this poll
+            assert server.hits == (1 if status == 404 else 3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(PolicyUnavailable):  # nobody listening any more
+        PolicyClient(f"http://127.0.0.1:{server.server_port}", retries=0, timeout=5).manifest(1)

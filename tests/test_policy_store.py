@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from efficientrollout.models import read_state_dict
-from efficientrollout.policies import PolicyError, PolicyStore
+from efficientrollout.policies import PolicyConflict, PolicyError, PolicyStore
 
 
 def test_publish_versions_and_keep_last_n(tmp_path):
@@ -39,6 +39,20 @@ def test_corrupt_or_mismatched_uploads_are_rejected_and_invisible(tmp_path):
     good.write_bytes(bytes(data))
     with pytest.raises(PolicyError, match="sha256"):
         store.verify(1)
+
+
+def test_a_publish_that_loses_the_race_for_its_number_is_a_conflict_and_leaves_nothing(tmp_path):
+    store = PolicyStore(tmp_path)
+    store.publish_state_dict({"w": torch.ones(2)})
+    # another publisher's rename of v2 lands between our check of the latest version and ours
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "model.safetensors").write_bytes(b"theirs")
+    with pytest.raises(PolicyConflict, match="concurrently"):
+        store.publish_state_dict({"w": torch.zeros(2)})
+    assert (tmp_path / "v2" / "model.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1", "v2"]  # no staging or upload debris
+    with pytest.raises(PolicyConflict, match="not newer"):
+        store.publish_state_dict({"w": torch.zeros(2)}, version=1)
 
 
 def test_engine_loads_a_stored_version(tiny_engine, tiny_dir, tmp_path):

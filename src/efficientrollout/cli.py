@@ -88,7 +88,7 @@ def _serve_engine(a: argparse.Namespace) -> None:
     from .pipeline.service import EngineService, WorkerConfig
 
     engine = _engine(a, engine_id=a.engine_id)
-    config = WorkerConfig(redis_url=a.redis, policy_url=a.policy, prefix=a.prefix, wave_size=a.wave_size, lease_ms=a.lease_ms,
+    config = WorkerConfig(redis_url=a.redis, policy_url=a.policy, policy_read_token=a.read_token, prefix=a.prefix, wave_size=a.wave_size, lease_ms=a.lease_ms,
                           max_deliveries=a.max_deliveries, drain_timeout_s=a.drain_timeout, metrics_host=a.metrics_host,
                           metrics_port=a.metrics_port)
     anyio.run(EngineService(engine, config).run)
@@ -103,7 +103,7 @@ def _serve_policies(a: argparse.Namespace) -> None:
     token = a.token or os.environ.get("EFFICIENTROLLOUT_POLICY_TOKEN")
     if not token:
         sys.exit("policy-server needs a publish token: --token or EFFICIENTROLLOUT_POLICY_TOKEN")
-    app = create_app(PolicyStore(a.store, keep=a.keep), token, redis_url=a.redis, prefix=a.prefix)
+    app = create_app(PolicyStore(a.store, keep=a.keep), token, redis_url=a.redis, prefix=a.prefix, read_token=a.read_token)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
 
 
@@ -111,11 +111,12 @@ def _run_fleet(a: argparse.Namespace, engine_args: list[str]) -> None:
     from .pipeline.fleet import Fleet, format_status
 
     fleet = Fleet(a.engines, redis_url=a.redis, workdir=a.workdir, prefix=a.prefix, policy_port=a.policy_port,
-                  token=os.environ.get("EFFICIENTROLLOUT_POLICY_TOKEN"), engine_args=engine_args)
+                  token=os.environ.get("EFFICIENTROLLOUT_POLICY_TOKEN"), read_token=os.environ.get("EFFICIENTROLLOUT_POLICY_READ_TOKEN"),
+                  engine_args=engine_args)
     print(f"starting: {a.engines} engine(s); logs in {fleet.workdir / 'logs'}", file=sys.stderr)
     try:
         fleet.start()
-        print(f"redis   {fleet.redis_url}\npolicy  {fleet.policy_url}  (publish token: {fleet.token})\n"
+        print(f"redis   {fleet.redis_url}\npolicy  {fleet.policy_url}  (publish token: {fleet.token}; read token: {fleet.read_token})\n"
               f"stop with Ctrl-C (engines finish their wave)\n", flush=True)
         while True:
             print(format_status(fleet.status()) + "\n", flush=True)
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     eng.add_argument("--redis", default=os.environ.get("EFFICIENTROLLOUT_REDIS"), required="EFFICIENTROLLOUT_REDIS" not in os.environ,
                      help="redis://[user:password@]host:port/db (rediss:// for TLS); or EFFICIENTROLLOUT_REDIS")
     eng.add_argument("--policy", default=os.environ.get("EFFICIENTROLLOUT_POLICY"), help="policy server URL (none: never update)")
+    eng.add_argument("--read-token", default=os.environ.get("EFFICIENTROLLOUT_POLICY_READ_TOKEN"),
+                     help="the policy server's read token (or its publish token); or EFFICIENTROLLOUT_POLICY_READ_TOKEN")
     eng.add_argument("--prefix", default="er", help="key prefix shared by the fleet")
     eng.add_argument("--engine-id", default=None, help="name in results, logs and metrics (default: native-<host>-<pid>)")
     eng.add_argument("--wave-size", type=int, default=64, help="requests claimed per wave")
@@ -164,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     pol.add_argument("--host", default="127.0.0.1")
     pol.add_argument("--port", type=int, default=8700)
     pol.add_argument("--keep", type=int, default=3, help="versions kept")
-    pol.add_argument("--token", default=None, help="publish token (or EFFICIENTROLLOUT_POLICY_TOKEN)")
+    pol.add_argument("--token", default=None, help="publish token (or EFFICIENTROLLOUT_POLICY_TOKEN); it also reads")
+    pol.add_argument("--read-token", default=os.environ.get("EFFICIENTROLLOUT_POLICY_READ_TOKEN"),
+                     help="a token that downloads weights but cannot publish (or EFFICIENTROLLOUT_POLICY_READ_TOKEN); "
+                          "without one, only the publish token reads")
     pol.add_argument("--redis", default=None, help="announce new versions on this Redis")
     pol.add_argument("--prefix", default="er")
 

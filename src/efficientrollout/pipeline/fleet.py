@@ -27,11 +27,12 @@ from ..queue.server import RedisServer, free_port
 
 class Fleet:
     def __init__(self, engines: int = 1, *, redis_url: str | None = None, workdir: str | Path | None = None,
-                 prefix: str = "er", policy_port: int | None = None, token: str | None = None,
+                 prefix: str = "er", policy_port: int | None = None, token: str | None = None, read_token: str | None = None,
                  engine_args: list[str] = (), threads_per_engine: int | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efficientrollout-fleet."))
         self.n_engines, self.prefix, self.engine_args = engines, prefix, list(engine_args)
-        self.token = token or secrets.token_urlsafe(24)
+        self.token = token or secrets.token_urlsafe(24)  # publishes (the trainer)
+        self.read_token = read_token or secrets.token_urlsafe(24)  # downloads weights (the engines)
         self.policy_port = policy_port or free_port()
         self.threads_per_engine = threads_per_engine
         self._redis_url = redis_url
@@ -55,7 +56,8 @@ class Fleet:
             self.redis_server = RedisServer(self.workdir / "redis").start()
         self.policy_server = self._spawn("policy-server", [
             "policy-server", "--store", str(self.workdir / "policies"), "--port", str(self.policy_port),
-            "--redis", self.redis_url, "--prefix", self.prefix], env={"EFFICIENTROLLOUT_POLICY_TOKEN": self.token})
+            "--redis", self.redis_url, "--prefix", self.prefix],
+            env={"EFFICIENTROLLOUT_POLICY_TOKEN": self.token, "EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token})
         self._wait(lambda: httpx.get(f"{self.policy_url}/healthz", timeout=1).status_code == 200, timeout, "policy server")
         self.scale(self.n_engines, wait_ready=wait_ready, timeout=timeout)
         return self
@@ -71,7 +73,7 @@ class Fleet:
             self.engines.append(self._spawn(f"engine-{self._started}", [
                 "engine", "--redis", self.redis_url, "--policy", self.policy_url, "--prefix", self.prefix,
                 "--engine-id", f"engine-{self._started}", "--threads", str(threads), "--metrics-port", "0",
-                *self.engine_args]))
+                *self.engine_args], env={"EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token}))
         self.n_engines = n
         if wait_ready:
             self._wait(lambda: len(self.status()["engines"]) >= n, timeout, f"{n} engines")

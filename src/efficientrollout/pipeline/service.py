@@ -31,7 +31,7 @@ import anyio.to_thread
 import msgspec
 
 from ..engines import Engine, EngineUnusable
-from ..policies import PolicyClient
+from ..policies import PolicyClient, PolicyUnavailable
 from ..queue import RolloutQueue
 from .metrics import WorkerMetrics, serve_http
 from .worker import REDIS_DOWN as _REDIS_DOWN
@@ -44,6 +44,7 @@ log = logging.getLogger("efficientrollout.engine")
 class WorkerConfig:
     redis_url: str
     policy_url: str | None = None  # None: serve the engine's own weights, never update
+    policy_read_token: str | None = None  # the policy server's read (or publish) token
     prefix: str = "er"
     wave_size: int = 64  # requests per wave (each brings n samples)
     lease_ms: int = 30_000  # an entry not renewed for this long goes to another worker
@@ -64,7 +65,7 @@ class EngineService:
         self.engine, self.config = engine, config
         self.queue = RolloutQueue(config.redis_url, prefix=config.prefix, lease_ms=config.lease_ms,
                                   max_deliveries=config.max_deliveries)
-        self.policy = PolicyClient(config.policy_url) if config.policy_url else None
+        self.policy = PolicyClient(config.policy_url, config.policy_read_token) if config.policy_url else None
         self.metrics = WorkerMetrics(policy_version=engine.version)
         self.state = "starting"
         self.metrics_port: int | None = None
@@ -180,7 +181,7 @@ class EngineService:
                 path.unlink(missing_ok=True)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving
             self.metrics.weight_update_failures += 1
-            if not _transient(exc):
+            if not isinstance(exc, PolicyUnavailable):  # refused (4xx), bad bytes, misfit tensors: never retried
                 self._bad_versions.add(latest)
             log.error("could not load policy version %d (%s: %s); still serving version %d",
                       latest, type(exc).__name__, exc, self.engine.version)
@@ -245,9 +246,3 @@ class EngineService:
             return 200, "text/plain; version=0.0.4", self.metrics.render({"engine": self.engine.engine_id})
         return 404, "text/plain", "not found\n"
 
-
-def _transient(exc: Exception) -> bool:
-    """Network trouble is retried at the next poll; bad bytes or bad tensors are not."""
-    import httpx
-
-    return isinstance(exc, (httpx.TransportError, OSError)) and not isinstance(exc, FileNotFoundError)

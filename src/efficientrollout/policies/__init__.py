@@ -1,6 +1,6 @@
 """Versioned policy weights: storage, the HTTP policy server, publisher and fetcher."""
 
 from .client import PolicyClient, PolicyPublisher
-from .store import PolicyError, PolicyStore, WeightManifest
+from .store import PolicyConflict, PolicyError, PolicyStore, PolicyUnavailable, WeightManifest
 
-__all__ = ["PolicyClient", "PolicyError", "PolicyPublisher", "PolicyStore", "WeightManifest"]
+__all__ = ["PolicyClient", "PolicyConflict", "PolicyError", "PolicyPublisher", "PolicyStore", "PolicyUnavailable", "WeightManifest"]

@@ -24,7 +24,16 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 class PolicyError(ValueError):
-    """A publish or fetch that is rejected; the store is unchanged."""
+    """A publish or fetch that is rejected; the store is unchanged. Permanent: asking again
+    gets the same answer."""
+
+
+class PolicyConflict(PolicyError):
+    """The version asked for exists already (or is older than the latest): another publish won."""
+
+
+class PolicyUnavailable(RuntimeError):
+    """The policy server could not answer now (connection refused or cut, HTTP 5xx): try later."""
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20):
@@ -99,7 +108,7 @@ class PolicyStore:
         latest = self.latest() or 0
         version = latest + 1 if version is None else version
         if version <= latest:
-            raise PolicyError(f"version {version} is not newer than the latest ({latest})")
+            raise PolicyConflict(f"version {version} is not newer than the latest ({latest})")
         digest = digest or sha256_file(file)
         if expected_sha256 is not None and digest != expected_sha256:
             raise PolicyError(f"checksum mismatch: got {digest}, expected {expected_sha256}")
@@ -117,7 +126,12 @@ class PolicyStore:
             (os.replace if move else shutil.copyfile)(file, staging / WEIGHTS_FILE)
             manifest = WeightManifest(version, time.time(), [FileEntry(WEIGHTS_FILE, size, digest)])
             (staging / "manifest.json").write_bytes(msgspec.json.encode(manifest))
-            os.replace(staging, self.root / f"v{version}")  # atomic: the version appears whole or not at all
+            try:  # atomic: the version appears whole or not at all
+                os.rename(staging, self.root / f"v{version}")
+            except OSError as exc:  # a concurrent publish took this number first (the target exists)
+                if not (self.root / f"v{version}").exists():
+                    raise
+                raise PolicyConflict(f"version {version} was published concurrently by someone else") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         for old in self.versions()[: -self.keep]:
