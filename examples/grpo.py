@@ -13,6 +13,13 @@ shorten, while the unlucky ones still run to the token limit: every rollout has 
               ratio exp(logp_trainer - logp_engine) on the log-probs the engines returned
     publish   PolicyPublisher.publish(state_dict) → version v+1; engines load it between waves
 
+Log-prob parity: that ratio is only meaningful if the engines compute log-probs in the
+trainer's precision. The trainer here is fp32, so the engines are asked for fp32 (`--engine-dtype
+float32`, the default): the gap is then ~1e-5 nats. Every result says the dtype its log-probs
+were computed in; with bf16 engines (`--engine-dtype auto` on a bf16-capable machine) the
+example warns and reports the gap (about 0.05 nats mean, up to ~1 nat at single tokens for
+SmolLM2), which the ratio then carries as noise.
+
 By default it starts its own fleet (embedded Redis, policy server, one engine) once per
 speculation mode and runs the same steps with the same seeds under `plain` and `adaptive`, then
 prints the comparison. Point it at a running fleet with --redis/--policy/--token instead.
@@ -26,6 +33,7 @@ import json
 import random
 import re
 import statistics
+import sys
 import time
 
 import anyio
@@ -103,6 +111,8 @@ def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, flee
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     publisher = PolicyPublisher(policy_url, token)
     version = _current_version(policy_url)
+    trainer_dtype = "float32"
+    warned = False
     rows = []
 
     async def rollout(requests):
@@ -145,12 +155,19 @@ def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, flee
             fleet.wait_for_version(version, timeout=300)
         sync_s = time.perf_counter() - t0
 
+        engine_dtypes = sorted({s.dtype for s in samples})
+        if engine_dtypes != [trainer_dtype] and not warned:  # the ratio exp(logp_trainer - logp_engine) is then noisy
+            print(f"warning: the engines computed log-probs in {', '.join(engine_dtypes)}, the trainer in {trainer_dtype}: "
+                  f"the PPO ratio carries their gap (this step: mean {statistics.fmean(gaps):.3f}, max {max(gaps):.3f} nats); "
+                  f"start the engines with --dtype {trainer_dtype} for parity", file=sys.stderr, flush=True)
+            warned = True
         used_versions = sorted({s.policy_version for s in samples})
         lengths = [len(s.output_token_ids) for g in groups for s in g]
         row = {"step": step, "mean_reward": round(statistics.fmean(rewards), 3), "rollout_s": round(rollout_s, 2),
                "train_s": round(train_s, 2), "sync_s": round(sync_s, 2),
                "rollout_share": round(rollout_s / (rollout_s + train_s + sync_s), 3),
                "sample_versions": used_versions, "expected_version": requests[0].min_policy_version,
+               "engine_dtypes": engine_dtypes, "trainer_dtype": trainer_dtype,
                "logprob_gap_mean": round(statistics.fmean(gaps), 7) if gaps else None,
                "logprob_gap_max": round(max(gaps), 7) if gaps else None,
                "tokens": sum(lengths), "max_len": max(lengths), "median_len": statistics.median(lengths),
@@ -188,6 +205,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local HF directory")
     ap.add_argument("--modes", default="plain,adaptive", help="speculation modes to compare, each on a fresh fleet")
+    ap.add_argument("--engine-dtype", default="float32", choices=["float32", "auto", "bfloat16"],
+                    help="the engines' precision; float32 matches the fp32 trainer's log-probs (auto: bf16 where the CPU has it)")
     ap.add_argument("--redis", help="use a running fleet instead (with --policy and --token); one run, no comparison")
     ap.add_argument("--policy")
     ap.add_argument("--token")
@@ -199,13 +218,15 @@ def main() -> None:
     else:
         for mode in a.modes.split(","):
             print(f"\n== {mode}: starting a fleet ==", flush=True)
-            engine_args = ["--model", a.model, "--speculation", mode, "--max-seq-len", str(a.max_new_tokens + 192)]
+            engine_args = ["--model", a.model, "--speculation", mode, "--max-seq-len", str(a.max_new_tokens + 192),
+                           "--dtype", a.engine_dtype]
             with Fleet(1, engine_args=engine_args) as fleet:
                 results[mode] = run(a, fleet.redis_url, fleet.policy_url, fleet.token, fleet)
     for mode, rows in results.items():
         print_table(mode, rows)
 
-    summary = {"example": "grpo", "steps": a.steps, "prompts": a.prompts, "group": a.group, "model": a.model}
+    summary = {"example": "grpo", "steps": a.steps, "prompts": a.prompts, "group": a.group, "model": a.model,
+               "engine_dtype": a.engine_dtype}
     for mode, rows in results.items():
         summary[mode] = {
             "reward_first": rows[0]["mean_reward"], "reward_last": rows[-1]["mean_reward"],

@@ -190,18 +190,23 @@ def test_weight_update_changes_output_and_bad_update_is_rejected(tiny_engine, ti
     assert tiny_engine.generate(prompt)[0].output_token_ids == before.output_token_ids
 
 
-def test_bf16_logprobs_close_to_a_bf16_recompute(tiny_dir):
-    """bf16 has no exact identity (op order differs between a batched prefill and a step): we
-    bound the gap. Measured on this tiny model: mean 0.03, max 0.34 nats (its random weights
-    make logits larger, hence errors larger, than a trained model's)."""
+def test_bf16_logprobs_are_as_accurate_as_a_bf16_recompute(tiny_dir):
+    """bf16 has no exact identity (op order differs between a batched prefill and a step), so
+    the engine's bf16 log-probs are held to bf16's own noise floor measured here: their error
+    against the fp32 truth must be no worse than transformers' bf16 recomputation's error on
+    the same tokens (a trainer's bf16 forward), with a factor of 2 for the different op order."""
     from conftest import PLAIN
 
     from efficientrollout.engines.native import EngineConfig, NativeEngine
 
     engine = NativeEngine(EngineConfig(model=str(tiny_dir), dtype="bfloat16", max_batch_size=8, max_seq_len=128, speculation=PLAIN))
-    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
-    gaps = []
+    hf16 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ours, theirs = [], []
     for r in engine.generate([req(i, p, temperature=1.0, max_new_tokens=16, seed=i, ignore_eos=True) for i, p in enumerate(PROMPTS)]):
-        gaps.append((torch.tensor(r.logprobs) - reference_logprobs(hf, r.prompt_token_ids, r.output_token_ids, 1.0)).abs())
-    gaps = torch.cat(gaps)
-    assert gaps.mean() < 0.1 and gaps.max() < 1.0, (gaps.mean(), gaps.max())
+        assert r.dtype == "bfloat16"
+        truth = reference_logprobs(hf32, r.prompt_token_ids, r.output_token_ids, 1.0)
+        ours.append((torch.tensor(r.logprobs) - truth).abs())
+        theirs.append((reference_logprobs(hf16, r.prompt_token_ids, r.output_token_ids, 1.0) - truth).abs())
+    ours, theirs = torch.cat(ours), torch.cat(theirs)
+    assert ours.mean() <= 2 * theirs.mean() and ours.max() <= 2 * theirs.max(), (ours.mean(), theirs.mean(), ours.max(), theirs.max())

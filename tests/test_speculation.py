@@ -169,30 +169,70 @@ def test_drafter_follows_weight_updates(tiny_dir, tmp_path):
     assert acceptance() < after - 0.3
 
 
-def test_bf16_divergences_from_plain_are_near_ties(tiny_dir):
-    """In bf16 a batched verify can flip an argmax at a near-tie (no exact identity there).
-    Measured here: 1 divergence in 40 sequences. Every divergence must be a near-tie: the two
-    candidate tokens' fp32 logits differ by < 2% of the top logit's magnitude (a few bf16 ulps)."""
+def _top2_gap_noise(engine: NativeEngine, results, hf) -> float:
+    """bf16's own noise on the quantity that decides a greedy token, measured on this engine:
+    the largest error of the top-2 logit gap (against fp32) over every position of `results`,
+    computed step-shaped (one token per forward, as plain decoding does) plus the largest
+    computed verify-shaped (all tokens in one forward, as a verify pass does). A greedy token
+    can flip between the two paths only where the fp32 gap is below that sum."""
+    r = engine.runner
+    step_err, verify_err = [], []
+    for x in results:
+        p, o = x.prompt_token_ids, x.output_token_ids
+        with torch.inference_mode():
+            first = r.prefill([p], [0]).float()
+            steps = torch.cat([first] + [r.decode([t], [len(p) + i]).float() for i, t in enumerate(o[:-1])])
+            r.prefill([p], [0])
+            verified = r.forward(torch.tensor([o[:-1]]), torch.arange(len(p), len(p) + len(o) - 1)[None], len(p) + len(o) - 1)[0]
+            verified = torch.cat([first, verified.float()])
+            truth = hf(torch.tensor([p + o])).logits[0, len(p) - 1 : -1]
+        top2 = truth.topk(2, dim=-1).indices
+
+        def gap(logits):
+            return (logits.gather(-1, top2[:, :1]) - logits.gather(-1, top2[:, 1:])).squeeze(-1)
+
+        step_err.append((gap(steps) - gap(truth)).abs().max())
+        verify_err.append((gap(verified) - gap(truth)).abs().max())
+    return float(max(step_err) + max(verify_err))
+
+
+def test_bf16_divergences_from_plain_are_precision_noise(tiny_dir):
+    """bf16 has no exact greedy identity: a verify over K+1 positions rounds differently from
+    single steps, and a near-tie can flip. The test measures bf16's own noise floor here, on
+    this CPU, and requires speculation to stay inside it: (1) every divergence from plain sits
+    at a position whose fp32 top-2 gap is within the measured bf16 noise on that gap, and
+    (2) speculation diverges from plain no more often than plain bf16 diverges from itself
+    batched vs one sequence at a time (same weights, same math, only the batch differs), with
+    slack for counting noise. A real verify bug breaks (1): it diverges at decisive tokens."""
     import random
 
-    def bf16(**spec):
-        return NativeEngine(EngineConfig(model=str(tiny_dir), dtype="bfloat16", max_batch_size=8, max_seq_len=128,
+    def bf16(max_batch_size=8, **spec):
+        return NativeEngine(EngineConfig(model=str(tiny_dir), dtype="bfloat16", max_batch_size=max_batch_size, max_seq_len=128,
                                          speculation=SpeculationConfig(**spec)))
 
     rng = random.Random(0)
     words = ["the", "a", "cat", "dog", "runs", "blue", "1", "2", "and", "of", "is"]
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 8))) for _ in range(40)]
     requests = [req(i, p, temperature=0.0, max_new_tokens=24, ignore_eos=True) for i, p in enumerate(prompts)]
-    plain, spec = bf16(mode="plain").generate(requests), bf16(mode="always", k=4).generate(requests)
+    plain_engine = bf16(mode="plain")
+    plain = plain_engine.generate(requests)
+    one_at_a_time = bf16(max_batch_size=1, mode="plain").generate(requests)
+    spec = bf16(mode="always", k=4).generate(requests)
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    diverged = []
-    for a, b in zip(plain, spec):
-        if a.output_token_ids == b.output_token_ids:
-            continue
-        j = next(i for i, (s, t) in enumerate(zip(a.output_token_ids, b.output_token_ids)) if s != t)
-        with torch.no_grad():
-            logits = hf(torch.tensor([a.prompt_token_ids + a.output_token_ids[:j]])).logits[0, -1]
-        gap = float((logits[a.output_token_ids[j]] - logits[b.output_token_ids[j]]).abs())
-        diverged.append((gap, float(logits.abs().max())))
-    assert len(diverged) <= len(requests) // 10, diverged
-    assert all(gap < 0.02 * top for gap, top in diverged), diverged
+
+    def divergence_gaps(a_results, b_results) -> list[float]:
+        gaps = []
+        for a, b in zip(a_results, b_results):
+            if a.output_token_ids == b.output_token_ids:
+                continue
+            j = next(i for i, (s, t) in enumerate(zip(a.output_token_ids, b.output_token_ids)) if s != t)
+            with torch.no_grad():
+                logits = hf(torch.tensor([a.prompt_token_ids + a.output_token_ids[:j]])).logits[0, -1]
+            gaps.append(float((logits[a.output_token_ids[j]] - logits[b.output_token_ids[j]]).abs()))
+        return gaps
+
+    noise = _top2_gap_noise(plain_engine, plain, hf)
+    spec_gaps, batch_gaps = divergence_gaps(plain, spec), divergence_gaps(plain, one_at_a_time)
+    assert all(g <= noise for g in spec_gaps), (spec_gaps, noise)
+    assert len(spec_gaps) <= 2 * len(batch_gaps) + 4, (spec_gaps, batch_gaps)
+    assert sum(r.speculation.accepted for r in spec) > 0
