@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -114,6 +115,7 @@ def _run_fleet(a: argparse.Namespace, engine_args: list[str]) -> None:
                   token=os.environ.get("EFFICIENTROLLOUT_POLICY_TOKEN"), read_token=os.environ.get("EFFICIENTROLLOUT_POLICY_READ_TOKEN"),
                   engine_args=engine_args)
     print(f"starting: {a.engines} engine(s); logs in {fleet.workdir / 'logs'}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop drains the fleet like Ctrl-C does
     try:
         fleet.start()
         print(f"redis   {fleet.redis_url}\npolicy  {fleet.policy_url}  (publish token: {fleet.token}; read token: {fleet.read_token})\n"
@@ -126,6 +128,10 @@ def _run_fleet(a: argparse.Namespace, engine_args: list[str]) -> None:
     finally:
         print("stopping the fleet", file=sys.stderr)
         fleet.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _show_status(a: argparse.Namespace) -> None:

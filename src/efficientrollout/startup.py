@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import warnings
 
-_KNOWN_NOISE = {
+_KNOWN_NOISE = {  # logger → message fragments (a logger's filters see only its own records)
     "torchao": ("Failed to load ", "Skipping import of cpp extensions"),
+    "torchao.kernel.intmm": ("Detected no triton",),  # CPU machines have no Triton; nothing here needs it
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
 }
 

@@ -151,8 +151,8 @@ class Fleet:
 def format_status(status: dict) -> str:
     q = status["queue"]
     lines = [f"policy version {status['policy_version']} · queue: {q['waiting']} waiting, {q['in_progress']} in progress",
-             f"{'engine':<14}{'state':<12}{'version':>8}{'waves':>7}{'results':>9}{'tok/s':>8}{'accept':>8}{'spec':>7}  metrics"]
+             f"{'engine':<14}{'state':<12}{'dtype':<10}{'version':>8}{'waves':>7}{'results':>9}{'tok/s':>8}{'accept':>8}{'spec':>7}  metrics"]
     for e in status["engines"]:
-        lines.append(f"{e['engine']:<14}{e['state']:<12}{e['version']:>8}{e['waves']:>7}{e['results']:>9}"
+        lines.append(f"{e['engine']:<14}{e['state']:<12}{e.get('dtype', '?'):<10}{e['version']:>8}{e['waves']:>7}{e['results']:>9}"
                      f"{e['tokens_per_second']:>8}{e['acceptance']:>8}{e['speculated']:>7}  {e.get('metrics') or '-'}")
     return "\n".join(lines)
