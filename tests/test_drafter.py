@@ -29,12 +29,12 @@ def test_int8_kernels_approximate_the_target_linear(kernel):
 def test_drafter_shares_all_but_linears_and_follows_live_weights(tiny_engine):
     decoder = tiny_engine.decoder
     drafter = Drafter(decoder)
-    assert drafter.kernel == pick_kernel(torch.device("cpu"))
+    assert drafter.kernel == pick_kernel(tiny_engine.device)
     assert drafter.decoder.embed.weight is decoder.embed.weight
     assert drafter.decoder.layers[0].input_norm is decoder.layers[0].input_norm
     assert isinstance(drafter.decoder.layers[0].qkv, QuantLinear) and isinstance(decoder.layers[0].qkv, Linear)
     assert len(drafter.linears) == 4 * len(decoder.layers) + 1
-    x = torch.randn(2, 1, decoder.cfg.hidden_size)
+    x = torch.randn(2, 1, decoder.cfg.hidden_size, device=tiny_engine.device)
     before = drafter.decoder.layers[0].gate_up(x)
     original = decoder.layers[0].gate_up.weight.detach().clone()
     try:
@@ -47,6 +47,18 @@ def test_drafter_shares_all_but_linears_and_follows_live_weights(tiny_engine):
         with torch.no_grad():
             decoder.layers[0].gate_up.weight.copy_(original)
         decoder.pack_weights()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the int4 drafter needs CUDA (torchao's tinygemm layout)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_drafter_approximates_the_target_linear_on_cuda(dtype):
+    torch.manual_seed(0)
+    target = Linear(576, 192, bias=False).to("cuda", dtype)
+    x = torch.randn(4, 3, 576, device="cuda", dtype=dtype)
+    exact = target(x).float()
+    approx = QuantLinear(target, pick_kernel(torch.device("cuda"), bits=4), group_size=64)(x).float()
+    rel = (approx - exact).norm() / exact.norm()
+    assert 0 < rel < 0.15, rel
 
 
 def test_int4_needs_a_fast_kernel_and_a_dividing_group_size():

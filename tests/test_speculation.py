@@ -163,7 +163,8 @@ def test_drafter_follows_weight_updates(tiny_dir, tmp_path):
     assert after > 0.6 and after > before - 0.2, (before, after)
     # a drafter left on the old weights would have collapsed
     for q in spec.drafter.linears:
-        q._source = (type(q._source[0])(q._source[0].in_features, q._source[0].out_features, bias=q._source[0].bias is not None),)
+        old = q._source[0]
+        q._source = (type(old)(old.in_features, old.out_features, bias=old.bias is not None, device=old.weight.device),)
         torch.nn.init.normal_(q._source[0].weight, std=0.3)
         q.requantize()
     assert acceptance() < after - 0.3
@@ -180,11 +181,12 @@ def _top2_gap_noise(engine: NativeEngine, results, hf) -> float:
     for x in results:
         p, o = x.prompt_token_ids, x.output_token_ids
         with torch.inference_mode():
-            first = r.prefill([p], [0]).float()
-            steps = torch.cat([first] + [r.decode([t], [len(p) + i]).float() for i, t in enumerate(o[:-1])])
+            first = r.prefill([p], [0]).float().cpu()
+            steps = torch.cat([first] + [r.decode([t], [len(p) + i]).float().cpu() for i, t in enumerate(o[:-1])])
             r.prefill([p], [0])
-            verified = r.forward(torch.tensor([o[:-1]]), torch.arange(len(p), len(p) + len(o) - 1)[None], len(p) + len(o) - 1)[0]
-            verified = torch.cat([first, verified.float()])
+            tokens = torch.tensor([o[:-1]], device=r.device)
+            positions = torch.arange(len(p), len(p) + len(o) - 1, device=r.device)[None]
+            verified = torch.cat([first, r.forward(tokens, positions, len(p) + len(o) - 1)[0].float().cpu()])
             truth = hf(torch.tensor([p + o])).logits[0, len(p) - 1 : -1]
         top2 = truth.topk(2, dim=-1).indices
 

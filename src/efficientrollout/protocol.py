@@ -97,7 +97,7 @@ class RolloutResult(msgspec.Struct, kw_only=True):
     `output_token_ids[i]` under the temperature-scaled full-vocabulary distribution
     (log_softmax(logits / T); T = 1 for greedy requests), before any top-k/top-p filter,
     computed by `backend` in `dtype`: an fp32 engine matches a trainer's fp32 recomputation to
-    ~1e-5 nats, a bf16 one only to bf16's noise (~0.05 nats mean, up to ~1 nat at single tokens)."""
+    ~1e-5 nats, a bf16 one only to bf16's noise (SmolLM2: ~0.045 nats mean, 0.3-0.7 at single tokens)."""
 
     request_id: str
     sample_index: int

@@ -4,7 +4,7 @@ A worker knows engines only through this protocol: it streams a wave, stops it e
 new weights between waves and reads the last wave's step trace. `backend` and `dtype` say what
 computed the log-probs of every result (they are copied into each `RolloutResult`), so a
 trainer can tell an fp32 engine, whose log-probs match its own fp32 recomputation to ~1e-5,
-from a bf16 one (~0.05 nats apart).
+from a bf16 one (~0.045 nats apart on average for SmolLM2).
 """
 
 from __future__ import annotations
