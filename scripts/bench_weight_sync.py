@@ -46,7 +46,7 @@ def main() -> None:
     size_mb = sum(t.numel() * t.element_size() for t in base.values()) / 1e6
     rows = []
     with Fleet(a.engines, engine_args=["--model", a.model, "--speculation", a.speculation]) as fleet:
-        urls = [e["metrics"] for e in fleet.status()["engines"]]
+        urls = [e.metrics for e in fleet.status()["engines"]]
         publisher = PolicyPublisher(fleet.policy_url, fleet.token)
         for step in range(a.rounds):
             state = {k: v + 1e-3 * v * torch.randn_like(v) for k, v in base.items()}

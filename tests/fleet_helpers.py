@@ -7,7 +7,10 @@ import time
 import msgspec
 import redis
 
-from efficientrollout.protocol import RolloutRequest, RolloutResult
+from efficientrollout.protocol import EngineStatus, RolloutRequest, RolloutResult, WaveTrace
+from efficientrollout.queue import RedisKeys
+
+KEYS = RedisKeys()
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
@@ -21,28 +24,27 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
 
 
 class Redis:
-    """Producer-side view of the queue keys (prefix 'er'), with reconnects left to the caller."""
+    """Producer-side view of the queue keys (the default prefix), with reconnects left to the caller."""
 
     def __init__(self, url: str):
         self.r = redis.Redis.from_url(url)
 
     def submit(self, request: RolloutRequest | bytes) -> str:
         payload = request if isinstance(request, bytes) else msgspec.msgpack.encode(request)
-        return self.r.xadd("er:requests", {"data": payload}).decode()
+        return self.r.xadd(KEYS.requests, {"data": payload}).decode()
 
     def results(self) -> list[RolloutResult]:
-        return [msgspec.msgpack.decode(f[b"data"], type=RolloutResult) for _, f in self.r.xrange("er:results")]
+        return [msgspec.msgpack.decode(f[b"data"], type=RolloutResult) for _, f in self.r.xrange(KEYS.results)]
 
-    def traces(self) -> list[dict]:
-        return [msgspec.msgpack.decode(f[b"data"]) for _, f in self.r.xrange("er:trace")]
+    def traces(self) -> list[WaveTrace]:
+        return [msgspec.msgpack.decode(f[b"data"], type=WaveTrace) for _, f in self.r.xrange(KEYS.trace)]
 
     def pending(self, consumer: str | None = None) -> int:
         if consumer is None:
-            return self.r.xpending("er:requests", "engines")["pending"]
-        return sum(c["pending"] for c in self.r.xpending("er:requests", "engines")["consumers"] if c["name"].decode() == consumer)
+            return self.r.xpending(KEYS.requests, KEYS.group)["pending"]
+        consumers = self.r.xpending(KEYS.requests, KEYS.group)["consumers"]
+        return sum(c["pending"] for c in consumers if c["name"].decode() == consumer)
 
     def engine_version(self, engine: str) -> int | None:
-        import json
-
-        raw = self.r.get(f"er:engines:{engine}")
-        return json.loads(raw)["version"] if raw else None
+        raw = self.r.get(KEYS.engine(engine))
+        return msgspec.json.decode(raw, type=EngineStatus).version if raw else None

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fleet_helpers import Redis, wait_for
+from fleet_helpers import KEYS, Redis, wait_for
 
 from efficientrollout.protocol import RolloutRequest, SamplingParams
 
@@ -44,7 +44,7 @@ def test_a_step_failure_spares_the_wave_and_the_poison_request_is_dead_lettered(
         poison = [r for r in results if r.request_id == "poison"]
         assert sorted(r.sample_index for r in poison) == [0, 1]
         assert all(r.finish_reason == "error" and "dead-lettered" in r.error for r in poison)
-        assert q.r.xlen("er:dead") == 1 and q.pending() == 0
+        assert q.r.xlen(KEYS.dead) == 1 and q.pending() == 0
         # the process is still serving
         assert proc.poll() is None
         q.submit(request("after"))
@@ -68,6 +68,6 @@ def test_an_unusable_engine_releases_its_wave_and_exits(tmp_path, tiny_dir, redi
         if proc.poll() is None:
             proc.kill()
     # the wave's entries are still pending (not lost, not acked) and released: idle past the lease
-    pending = q.r.xpending_range("er:requests", "engines", min="-", max="+", count=10)
+    pending = q.r.xpending_range(KEYS.requests, KEYS.group, min="-", max="+", count=10)
     assert len(pending) == 2 and all(p["time_since_delivered"] > 30_000 for p in pending)
     assert "unusable" in (tmp_path / "faulty.log").read_text()

@@ -136,7 +136,7 @@ def test_hostile_requests_become_errors_and_valid_ones_complete(tmp_path, tiny_d
         assert len([r for r in results if r.request_id.startswith("ok") and r.finish_reason == "length"]) == 20
         assert f.engines[0].poll() is None and q.pending() == 0
         [engine] = f.status()["engines"]
-        health = httpx.get(engine["metrics"].replace("/metrics", "/healthz"), timeout=5)
+        health = httpx.get(engine.metrics.replace("/metrics", "/healthz"), timeout=5)
         assert health.status_code == 200 and health.json()["state"] in ("idle", "updating")
 
 
@@ -182,7 +182,7 @@ def test_bad_weights_are_rejected_and_engines_keep_serving(tmp_path, tiny_dir, r
         assert {r.policy_version for r in q.results()} == {1}
         log = log_file.read_text()
         assert log.count("still serving version 1") >= 2
-        metrics = httpx.get(f.status()["engines"][0]["metrics"], timeout=5).text
+        metrics = httpx.get(f.status()["engines"][0].metrics, timeout=5).text
         assert 'efficientrollout_weight_update_failures_total{engine="engine-1"} 2' in metrics
         assert 'efficientrollout_policy_version{engine="engine-1"} 1' in metrics
 
@@ -207,7 +207,7 @@ def test_two_workers_one_version_bump_results_match_the_wave_version(tmp_path, t
         exactly_once(results, before + after)
         assert all(r.policy_version == 1 for r in results if r.request_id.startswith("v1-"))
         # each wave's results carry the version its engine had loaded when it took the wave
-        wave_version = {(t["engine"], rid): t["version"] for t in q.traces() for rid in t["requests"]}
+        wave_version = {(t.engine, rid): t.version for t in q.traces() for rid in t.requests}
         for r in results:
             assert r.policy_version == wave_version[(r.engine_id, r.request_id)]
         per_engine = collections.defaultdict(list)

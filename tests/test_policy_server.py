@@ -26,7 +26,7 @@ from efficientrollout.policies import (
     PolicyUnavailable,
 )
 from efficientrollout.policies.server import create_app
-from efficientrollout.queue import RedisServer
+from efficientrollout.queue import RedisKeys, RedisServer
 
 
 @pytest.fixture()
@@ -56,7 +56,7 @@ def test_publish_fetch_and_announce(policy_server, tmp_path):
     assert client.latest() == 2
     path = client.download(2, tmp_path / "dl")
     assert read_state_dict(path)["a"].tolist() == state["a"].tolist()
-    assert int(redis.Redis.from_url(redis_url).get("er:policy:latest")) == 2
+    assert int(redis.Redis.from_url(redis_url).get(RedisKeys().policy_latest)) == 2
 
 
 def test_unauthenticated_wrong_checksum_and_corrupt_uploads_store_nothing(policy_server, tmp_path):

@@ -18,20 +18,16 @@ import sys
 import time
 
 from .engines.native import EngineConfig, NativeEngine
+from .options import add_arguments, from_arguments
 from .pipeline.demo import add_demo_args, run_demo
 from .protocol import ChatMessage, RolloutRequest, SamplingParams
-from .speculation import MODES, SpeculationConfig
+
+BACKENDS = ("native",)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    defaults = EngineConfig()
-    p.add_argument("--model", default=defaults.model, help="'smollm2' (bundled) or a local HF model directory")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    p.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
-    p.add_argument("--speculation", default=defaults.speculation.mode, choices=MODES)
-    p.add_argument("--k", type=int, default=defaults.speculation.k, help="draft length for --speculation always")
+    """EngineConfig and its SpeculationConfig, field for field."""
+    add_arguments(p.add_argument_group("engine (EngineConfig, SpeculationConfig)"), EngineConfig)
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -48,10 +44,8 @@ def _engine(a: argparse.Namespace, engine_id: str | None = None) -> NativeEngine
         import torch
 
         torch.set_num_threads(a.threads)
-    cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_seq_len=a.max_seq_len,
-                       speculation=SpeculationConfig(mode=a.speculation, k=a.k))
     t0 = time.perf_counter()
-    engine = NativeEngine(cfg, engine_id=engine_id)
+    engine = NativeEngine(from_arguments(EngineConfig, a), engine_id=engine_id)
     print(f"loaded {engine.model_path} on {engine.device} ({engine.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return engine
 
@@ -88,11 +82,8 @@ def _serve_engine(a: argparse.Namespace) -> None:
 
     from .pipeline.service import EngineService, WorkerConfig
 
-    engine = _engine(a, engine_id=a.engine_id)
-    config = WorkerConfig(redis_url=a.redis, policy_url=a.policy, policy_read_token=a.read_token, prefix=a.prefix, wave_size=a.wave_size, lease_ms=a.lease_ms,
-                          max_deliveries=a.max_deliveries, drain_timeout_s=a.drain_timeout, metrics_host=a.metrics_host,
-                          metrics_port=a.metrics_port)
-    anyio.run(EngineService(engine, config).run)
+    config = from_arguments(WorkerConfig, a)  # before loading the model: a bad flag fails fast
+    anyio.run(EngineService(_engine(a, engine_id=a.engine_id), config).run)
 
 
 def _serve_policies(a: argparse.Namespace) -> None:
@@ -140,7 +131,7 @@ def _show_status(a: argparse.Namespace) -> None:
     print(format_status(Fleet(redis_url=a.redis, prefix=a.prefix).status()))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="efficientrollout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the whole pipeline on this machine with the bundled model")
@@ -151,21 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     _engine_args(gen)
     _sampling_args(gen, max_new_tokens=128)
 
+    from .pipeline.service import WorkerConfig
+
     eng = sub.add_parser("engine", help="run an engine worker: claim waves from Redis, follow the policy server")
-    eng.add_argument("--redis", default=os.environ.get("EFFICIENTROLLOUT_REDIS"), required="EFFICIENTROLLOUT_REDIS" not in os.environ,
-                     help="redis://[user:password@]host:port/db (rediss:// for TLS); or EFFICIENTROLLOUT_REDIS")
-    eng.add_argument("--policy", default=os.environ.get("EFFICIENTROLLOUT_POLICY"), help="policy server URL (none: never update)")
-    eng.add_argument("--read-token", default=os.environ.get("EFFICIENTROLLOUT_POLICY_READ_TOKEN"),
-                     help="the policy server's read token (or its publish token); or EFFICIENTROLLOUT_POLICY_READ_TOKEN")
-    eng.add_argument("--prefix", default="er", help="key prefix shared by the fleet")
+    eng.add_argument("--backend", default="native", choices=BACKENDS, help="the engine that generates [default: %(default)s]")
     eng.add_argument("--engine-id", default=None, help="name in results, logs and metrics (default: native-<host>-<pid>)")
-    eng.add_argument("--wave-size", type=int, default=64, help="requests claimed per wave")
-    eng.add_argument("--lease-ms", type=int, default=30_000)
-    eng.add_argument("--max-deliveries", type=int, default=3)
-    eng.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the wave before releasing it")
-    eng.add_argument("--metrics-host", default="127.0.0.1")
-    eng.add_argument("--metrics-port", type=int, default=None, help="serve /metrics and /healthz (0: any free port)")
-    eng.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    eng.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_arguments(eng.add_argument_group("worker (WorkerConfig)"), WorkerConfig)
     _engine_args(eng)
 
     pol = sub.add_parser("policy-server", help="serve versioned policy weights over HTTP")
@@ -192,10 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     st = sub.add_parser("status", help="engines and queue of a running fleet")
     st.add_argument("--redis", default=os.environ.get("EFFICIENTROLLOUT_REDIS"), required="EFFICIENTROLLOUT_REDIS" not in os.environ)
     st.add_argument("--prefix", default="er")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     engine_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    a = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    a = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if a.command == "demo":

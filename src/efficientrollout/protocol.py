@@ -128,3 +128,48 @@ class WeightManifest(msgspec.Struct, forbid_unknown_fields=True):
     version: int
     created: float  # unix time the version became visible
     files: list[FileEntry]
+
+
+class StepRecord(msgspec.Struct, array_like=True):
+    """What one engine step did: the raw material of benchmarks and timeline plots."""
+
+    t: float  # seconds since the wave started
+    batch: int  # running rows
+    k: int  # draft length (0 = plain step)
+    drafted: int  # draft tokens proposed this step (batch * k)
+    accepted: int  # of which accepted
+    emitted: int  # tokens emitted this step
+    seconds: float  # wall time of the step
+
+
+class WaveTrace(msgspec.Struct, kw_only=True):
+    """One wave's step trace, as each engine appends it to the capped `<prefix>:trace` stream."""
+
+    engine: str
+    version: int  # the policy version that served the wave
+    end: float  # unix time the wave ended
+    seconds: float  # the wave's wall time
+    requests: list[str]  # ids of the requests it served
+    steps: list[StepRecord]
+
+
+class EngineStatus(msgspec.Struct, kw_only=True):
+    """An engine's heartbeat (JSON at `<prefix>:engines:<id>`, expiring 10 s after the last
+    beat; `efficientrollout status` reads them) and the body of its /healthz."""
+
+    engine: str
+    backend: str
+    dtype: str  # the precision its results' log-probs are computed in
+    host: str
+    pid: int
+    state: str  # starting | idle | updating | draining | redis-down
+    version: int  # the policy version it serves
+    waves: int
+    results: int
+    tokens: int
+    tokens_per_second: float  # over the last wave
+    acceptance: float  # accepted / drafted tokens since start
+    speculated: float  # fraction of decode steps that speculated since start
+    update_failures: int
+    metrics: str | None  # its /metrics URL, if it serves one
+    uptime_s: float

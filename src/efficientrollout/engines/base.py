@@ -15,8 +15,7 @@ from typing import Protocol
 
 import torch
 
-from ..protocol import RolloutRequest, RolloutResult
-from ..speculation import StepRecord
+from ..protocol import RolloutRequest, RolloutResult, StepRecord
 
 
 class EngineUnusable(RuntimeError):

@@ -29,7 +29,7 @@ import msgspec
 import redis
 from tqdm import tqdm
 
-from ..protocol import ChatMessage, RolloutRequest, SamplingParams
+from ..protocol import ChatMessage, RolloutRequest, SamplingParams, WaveTrace
 from .client import RolloutClient
 from .fleet import Fleet
 
@@ -96,10 +96,10 @@ def _phase(mode: str, a: argparse.Namespace, replay: dict | None) -> dict:
             print(f"fleet up in {time.perf_counter() - t0:.1f}s: redis {fleet.redis_url}, policy server {fleet.policy_url}", flush=True)
             report = anyio.run(_produce, fleet, a, replay)
             report["waves"] = waves = _traces(fleet)
-    steps = [s for w in waves for s in w["steps"]]  # [t, batch, k, drafted, accepted, emitted, seconds]
-    drafted = sum(s[3] for s in steps)
-    report["acceptance"] = round(sum(s[4] for s in steps) / drafted, 3) if drafted else None
-    report["speculated_steps"] = round(sum(1 for s in steps if s[2] > 0) / max(len(steps), 1), 3)
+    steps = [s for w in waves for s in w.steps]
+    drafted = sum(s.drafted for s in steps)
+    report["acceptance"] = round(sum(s.accepted for s in steps) / drafted, 3) if drafted else None
+    report["speculated_steps"] = round(sum(1 for s in steps if s.k > 0) / max(len(steps), 1), 3)
     report["waves_served"] = len(waves)
     return report
 
@@ -176,10 +176,10 @@ def _nudged_weights(model: str, step: int) -> dict:
     return {k: v + 1e-3 * v * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in read_state_dict(resolve_model(model)).items()}
 
 
-def _traces(fleet: Fleet) -> list[dict]:
+def _traces(fleet: Fleet) -> list[WaveTrace]:
     r = redis.Redis.from_url(fleet.redis_url)
     try:
-        return [msgspec.msgpack.decode(f[b"data"]) for _, f in r.xrange(f"{fleet.prefix}:trace")]
+        return [msgspec.msgpack.decode(f[b"data"], type=WaveTrace) for _, f in r.xrange(fleet.keys.trace)]
     finally:
         r.close()
 
@@ -198,16 +198,16 @@ def _plot(phases: dict[str, dict], png: str) -> None:
     for mode, p in phases.items():
         if not p["waves"]:
             continue
-        t0 = min(w["end"] - w["seconds"] for w in p["waves"])
+        t0 = min(w.end - w.seconds for w in p["waves"])
         rows, last_version = [], 0
-        for w in sorted(p["waves"], key=lambda w: w["end"]):
-            start = w["end"] - w["seconds"] - t0
-            if w["version"] != last_version:
-                markers.append((start, f"{mode}: version {w['version']}"))
-            last_version = w["version"]
-            rows += [(start + s[0], s[1], s[2], s[6]) for s in w["steps"]]
-            last = w["steps"][-1]
-            rows.append((start + last[0] + last[6], float("nan"), float("nan"), float("nan")))  # a gap between waves
+        for w in sorted(p["waves"], key=lambda w: w.end):
+            start = w.end - w.seconds - t0
+            if w.version != last_version:
+                markers.append((start, f"{mode}: version {w.version}"))
+            last_version = w.version
+            rows += [(start + s.t, s.batch, s.k, s.seconds) for s in w.steps]
+            last = w.steps[-1]
+            rows.append((start + last.t + last.seconds, float("nan"), float("nan"), float("nan")))  # a gap between waves
         series[mode] = rows
     plot_timeline(series, png, "Demo rollout: batch size, draft length and step time per engine step", markers,
                   xlabel="seconds since the first wave")

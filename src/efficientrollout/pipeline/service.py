@@ -16,7 +16,6 @@ Losing Redis is survived: the worker logs, backs off and carries on when it is b
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -31,7 +30,9 @@ import anyio.to_thread
 import msgspec
 
 from ..engines import Engine, EngineUnusable
+from ..options import option
 from ..policies import PolicyClient, PolicyUnavailable
+from ..protocol import EngineStatus, WaveTrace
 from ..queue import RolloutQueue
 from .metrics import WorkerMetrics, serve_http
 from .worker import REDIS_DOWN as _REDIS_DOWN
@@ -42,18 +43,21 @@ log = logging.getLogger("efficientrollout.engine")
 
 @dataclass(slots=True)
 class WorkerConfig:
-    redis_url: str
-    policy_url: str | None = None  # None: serve the engine's own weights, never update
-    policy_read_token: str | None = None  # the policy server's read (or publish) token
-    prefix: str = "er"
-    wave_size: int = 64  # requests per wave (each brings n samples)
-    lease_ms: int = 30_000  # an entry not renewed for this long goes to another worker
-    max_deliveries: int = 3
-    policy_poll_s: float = 0.5  # how often to ask the policy server between waves
-    drain_timeout_s: float = 30.0  # on SIGTERM: finish the wave if it ends within this
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = None  # None: no HTTP endpoint; 0: any free port
-    download_dir: str | None = None
+    redis_url: str = option(help="redis://[user:password@]host:port/db (rediss:// for TLS)", env="EFFICIENTROLLOUT_REDIS",
+                            flag="--redis")
+    policy_url: str | None = option(None, "policy server URL (none: serve the engine's own weights, never update)",
+                                    env="EFFICIENTROLLOUT_POLICY", flag="--policy")
+    read_token: str | None = option(None, "the policy server's read token (or its publish token)",
+                                    env="EFFICIENTROLLOUT_POLICY_READ_TOKEN")
+    prefix: str = option("er", "key prefix shared by the fleet (several fleets can share one Redis)")
+    wave_size: int = option(64, "requests claimed per wave (each brings its n samples)")
+    lease_ms: int = option(30_000, "an entry not renewed for this long goes to another worker")
+    max_deliveries: int = option(3, "deliveries before a request is dead-lettered with error results")
+    policy_poll_s: float = option(0.5, "how often to ask the policy server for a new version between waves")
+    drain_timeout_s: float = option(30.0, "on SIGTERM: finish the wave if it ends within this, else release it")
+    metrics_host: str = option("127.0.0.1", "address of /metrics and /healthz")
+    metrics_port: int | None = option(None, "serve /metrics and /healthz on this port (0: any free port; none: off)")
+    download_dir: str | None = option(None, "where weight downloads land (none: a temporary directory)")
 
     def __post_init__(self) -> None:
         if self.wave_size < 1 or self.lease_ms < 100 or self.max_deliveries < 1:
@@ -65,15 +69,14 @@ class EngineService:
         self.engine, self.config = engine, config
         self.queue = RolloutQueue(config.redis_url, prefix=config.prefix, lease_ms=config.lease_ms,
                                   max_deliveries=config.max_deliveries)
-        self.policy = PolicyClient(config.policy_url, config.policy_read_token) if config.policy_url else None
+        self.policy = PolicyClient(config.policy_url, config.read_token) if config.policy_url else None
         self.metrics = WorkerMetrics(policy_version=engine.version)
         self.state = "starting"
         self.metrics_port: int | None = None
         self._bad_versions: set[int] = set()
         self._last_poll = 0.0
         self._downloads = Path(config.download_dir or tempfile.mkdtemp(prefix="efficientrollout-weights."))
-        self._heartbeat_key = f"{config.prefix}:engines:{engine.engine_id}"
-        self._trace_key = f"{config.prefix}:trace"
+        self.keys = self.queue.keys
         self._started = time.time()
 
     async def run(self) -> None:
@@ -91,7 +94,7 @@ class EngineService:
             tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
             try:
-                await self.queue.redis.delete(self._heartbeat_key)
+                await self.queue.redis.delete(self.keys.engine(self.engine.engine_id))
             except _REDIS_DOWN:
                 pass
             await self.queue.close()
@@ -152,11 +155,10 @@ class EngineService:
         log.info("wave %d: %d requests, %d results (%d errors, %d deferred, %d released), %d tokens in %.1fs",
                  m.waves, stats.requests, stats.results, stats.errors, stats.deferred, stats.released, stats.tokens, stats.seconds)
         if trace:  # for timeline plots; best effort
-            record = msgspec.msgpack.encode({"engine": self.engine.engine_id, "version": self.engine.version,
-                                             "end": time.time(), "seconds": stats.seconds, "requests": stats.served,
-                                             "steps": trace})
+            record = WaveTrace(engine=self.engine.engine_id, version=self.engine.version, end=time.time(), seconds=stats.seconds,
+                               requests=stats.served, steps=trace)
             try:
-                await self.queue.redis.xadd(self._trace_key, {"data": record}, maxlen=10_000, approximate=True)
+                await self.queue.redis.xadd(self.keys.trace, {"data": msgspec.msgpack.encode(record)}, maxlen=10_000, approximate=True)
             except _REDIS_DOWN:
                 pass
 
@@ -210,13 +212,15 @@ class EngineService:
         log.warning("drain timeout: stopping the wave and releasing its unfinished requests")
         self.worker.stop.set()
 
-    def status(self) -> dict:
-        m = self.metrics
-        return {"engine": self.engine.engine_id, "backend": self.engine.backend, "dtype": self.engine.dtype, "host": socket.gethostname(), "pid": os.getpid(), "state": self.state,
-                "version": self.engine.version, "waves": m.waves, "results": m.results, "tokens": m.output_tokens,
-                "tokens_per_second": round(m.tokens_per_second, 1), "acceptance": round(m.acceptance_rate, 3),
-                "speculated": round(m.speculated_fraction, 3), "update_failures": m.weight_update_failures,
-                "metrics": f"http://{self._metrics_address()}:{self.metrics_port}/metrics" if self.metrics_port else None, "uptime_s": round(time.time() - self._started, 1)}
+    def status(self) -> EngineStatus:
+        m, e = self.metrics, self.engine
+        return EngineStatus(
+            engine=e.engine_id, backend=e.backend, dtype=e.dtype, host=socket.gethostname(), pid=os.getpid(), state=self.state,
+            version=e.version, waves=m.waves, results=m.results, tokens=m.output_tokens,
+            tokens_per_second=round(m.tokens_per_second, 1), acceptance=round(m.acceptance_rate, 3),
+            speculated=round(m.speculated_fraction, 3), update_failures=m.weight_update_failures,
+            metrics=f"http://{self._metrics_address()}:{self.metrics_port}/metrics" if self.metrics_port else None,
+            uptime_s=round(time.time() - self._started, 1))
 
     def _metrics_address(self) -> str:
         host = self.config.metrics_host
@@ -229,14 +233,14 @@ class EngineService:
 
     async def _beat(self) -> None:
         try:
-            await self.queue.redis.set(self._heartbeat_key, json.dumps(self.status()), ex=10)
+            await self.queue.redis.set(self.keys.engine(self.engine.engine_id), msgspec.json.encode(self.status()), ex=10)
         except _REDIS_DOWN:
             pass
 
     async def _http(self, path: str) -> tuple[int, str, str]:
         if path == "/healthz":
             ok = self.state not in ("redis-down", "starting")
-            return (200 if ok else 503), "application/json", json.dumps(self.status())
+            return (200 if ok else 503), "application/json", msgspec.json.encode(self.status()).decode()
         if path == "/metrics":
             try:
                 m = self.metrics

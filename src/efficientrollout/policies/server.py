@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..queue.keys import RedisKeys
 from .store import PolicyConflict, PolicyError, PolicyStore
 
 
@@ -96,10 +97,10 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         if redis_url:
             import redis.asyncio as aioredis
 
-            client = aioredis.from_url(redis_url)
+            keys, client = RedisKeys(prefix), aioredis.from_url(redis_url)
             try:
-                await client.set(f"{prefix}:policy:latest", stored)
-                await client.publish(f"{prefix}:policy", stored)
+                await client.set(keys.policy_latest, stored)
+                await client.publish(keys.policy_channel, stored)
             finally:
                 await client.aclose()
         return JSONResponse({"version": stored})

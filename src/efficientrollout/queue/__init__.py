@@ -1,6 +1,7 @@
 """Redis Streams queue between trainers and engines."""
 
+from .keys import RedisKeys
 from .server import RedisServer
 from .streams import Claimed, RolloutQueue
 
-__all__ = ["Claimed", "RedisServer", "RolloutQueue"]
+__all__ = ["Claimed", "RedisKeys", "RedisServer", "RolloutQueue"]

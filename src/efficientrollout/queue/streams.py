@@ -24,6 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from ..protocol import FINISH_ERROR, RolloutRequest, RolloutResult
+from .keys import RedisKeys
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_request = msgspec.msgpack.Decoder(RolloutRequest).decode
@@ -70,9 +71,9 @@ class RolloutQueue:
     def __init__(self, url: str, prefix: str = "er", group: str = "engines", max_deliveries: int = 3, lease_ms: int = 30_000,
                  results_maxlen: int = 100_000, dedupe_ttl_s: float = 86_400.0):
         self.redis = aioredis.from_url(url)  # redis://user:password@host:port/db, rediss:// for TLS
-        self.prefix = prefix
-        self.requests, self.results, self.dead, self.done = (f"{prefix}:{k}" for k in ("requests", "results", "dead", "done"))
-        self.group, self.max_deliveries, self.lease_ms = group, max_deliveries, lease_ms
+        self.keys = k = RedisKeys(prefix, group)
+        self.requests, self.results, self.dead, self.done, self.group = k.requests, k.results, k.dead, k.done, k.group
+        self.max_deliveries, self.lease_ms = max_deliveries, lease_ms
         self.results_maxlen, self.dedupe_ttl_s = results_maxlen, dedupe_ttl_s
         self._write = self.redis.register_script(_WRITE_RESULTS)
         self._requeue = self.redis.register_script(_REQUEUE)

@@ -2,7 +2,6 @@
 
 from .drafter import Drafter
 from .gate import MODES, SpeculationConfig, SpeculationGate, expected_tokens
-from .trace import StepRecord
 from .verify import verify
 
-__all__ = ["MODES", "Drafter", "SpeculationConfig", "SpeculationGate", "StepRecord", "expected_tokens", "verify"]
+__all__ = ["MODES", "Drafter", "SpeculationConfig", "SpeculationGate", "expected_tokens", "verify"]

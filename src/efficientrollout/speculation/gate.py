@@ -17,24 +17,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..options import option
+
 MODES = ("plain", "always", "toggle-ladder", "adaptive")
 
 
 @dataclass(slots=True)
 class SpeculationConfig:
-    mode: str = "adaptive"  # plain | always (fixed k) | toggle-ladder (the paper's policy) | adaptive (ours)
-    k: int = 4  # draft length for "always"
-    k_max: int = 8  # adaptive searches 0..k_max
-    drafter: str = "int8"  # int8 (torchao, the default) | int4 (group-wise; CUDA only) | exact (unquantized: tests)
-    int4_group_size: int = 64  # must divide every layer width (SmolLM2's 576 does not divide by 128)
-    probe: bool = True  # seed the cost model with a short start-up probe
-    hysteresis: float = 0.05  # switch K only if the prediction improves by more than this
-    explore_every: int = 16  # every N steps try a neighbouring K, so stale estimates refresh
-    explore_margin: float = 0.25  # ... if it is predicted within this fraction of the best
-    ladder: tuple[int, ...] = (5, 7, 9, 11)  # toggle-ladder's draft lengths
-    ladder_up: float = 0.94  # move up the ladder at wave acceptance >= this
-    ladder_down: float = 0.85  # move down at <= this
-    toggle_speedup: float = 1.05  # toggle-ladder turns on once predicted speed-up exceeds this
+    mode: str = option("adaptive", "plain | always (fixed --k) | toggle-ladder (the paper's policy) | adaptive (ours)",
+                       choices=MODES, flag="--speculation")
+    k: int = option(4, "draft length for --speculation always")
+    k_max: int = option(8, "adaptive chooses K in 0..k_max per step")
+    drafter: str = option("int8", "int8 (torchao, per channel) | int4 (group-wise; CUDA only) | exact (unquantized: tests)",
+                          choices=("int8", "int4", "exact"))
+    int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
+    probe: bool = option(True, "seed the cost model with a start-up probe of a few seconds")
+    hysteresis: float = option(0.05, "switch K only if the prediction improves by more than this fraction")
+    explore_every: int = option(16, "every N steps try a neighbouring K, so stale estimates refresh")
+    explore_margin: float = option(0.25, "... if it is predicted within this fraction of the best")
+    ladder: tuple[int, ...] = option((5, 7, 9, 11), "toggle-ladder's draft lengths")
+    ladder_up: float = option(0.94, "toggle-ladder moves up the ladder at wave acceptance >= this")
+    ladder_down: float = option(0.85, "toggle-ladder moves down at wave acceptance <= this")
+    toggle_speedup: float = option(1.05, "toggle-ladder turns on once the predicted speed-up exceeds this")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -15,10 +15,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ...options import option
 from ...models import (
     DEFAULT_MODEL,
     CheckpointError,
@@ -31,10 +32,11 @@ from ...protocol import (
     RolloutRequest,
     RolloutResult,
     SpeculationStats,
+    StepRecord,
     Timings,
 )
 from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
-from ...speculation import Drafter, SpeculationConfig, SpeculationGate, StepRecord
+from ...speculation import Drafter, SpeculationConfig, SpeculationGate
 from ...speculation.drafter import pick_kernel
 from ..base import EngineUnusable
 from .runner import ModelRunner
@@ -44,13 +46,15 @@ from .speculative import speculative_step
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str = DEFAULT_MODEL  # "smollm2" (bundled) or a local HF directory
-    device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16 math, else fp32
-    max_batch_size: int = 64
-    max_seq_len: int = 2048
-    max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward
-    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    model: str = option(DEFAULT_MODEL, "'smollm2' (the bundled SmolLM2-135M-Instruct) or a local HF model directory")
+    device: str = option("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: str = option("auto", "precision of weights and log-probs; auto: bf16 on CUDA and on CPUs with native bf16 "
+                        "math, else fp32 (float32 gives log-probs that match an fp32 trainer)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    max_batch_size: int = option(64, "samples decoded together (KV cache slots)")
+    max_seq_len: int = option(2048, "prompt + output tokens per sample (KV cache length)")
+    max_prefill_tokens: int = option(8192, "padded prompt tokens per prefill forward")
+    speculation: SpeculationConfig = option(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
