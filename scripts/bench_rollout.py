@@ -21,34 +21,9 @@ from tqdm import tqdm
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.pipeline.timeline import plot_timeline
-from efficientrollout.protocol import ChatMessage, RolloutRequest, SamplingParams
+from efficientrollout.pipeline.workloads import PROMPTS, wave_requests
+from efficientrollout.protocol import RolloutRequest, SamplingParams
 from efficientrollout.speculation import SpeculationConfig, SpeculationGate
-
-PROMPTS = [
-    "Tell me a long story about a dragon.", "Explain how a car engine works.", "Write a poem about the ocean.",
-    "What are the benefits of exercise?", "Describe the water cycle.", "How do computers store data?",
-    "Write a letter to a friend.", "Explain the theory of evolution.", "What is machine learning?",
-    "Describe a day in the life of a farmer.", "How do airplanes fly?", "Write a recipe for pancakes.",
-    "Explain photosynthesis step by step.", "What causes the seasons?", "Tell me about the history of Rome.",
-    "How does the internet work?",
-]
-
-
-def long_tail_lengths(n: int, max_len: int, seed: int) -> list[int]:
-    rng = np.random.default_rng(seed)
-    lengths = np.exp(rng.normal(np.log(48), 0.9, n))
-    lengths[rng.choice(n, 2, replace=False)] = max_len  # the tail that decides when the wave ends
-    return [int(x) for x in np.clip(lengths, 8, max_len)]
-
-
-def wave_requests(max_len: int, seed: int) -> list[RolloutRequest]:
-    lengths = long_tail_lengths(64, max_len, seed)
-    return [
-        RolloutRequest(id=str(i), messages=[ChatMessage("user", PROMPTS[i % 16])],
-                       sampling=SamplingParams(temperature=1.0, max_new_tokens=lengths[i], ignore_eos=True, seed=seed * 1000 + i))
-        for i in range(64)
-    ]
-
 
 def use_mode(engine: NativeEngine, probed: SpeculationGate | None, **spec) -> None:
     """Switch the engine's speculation mode; with `probed`, restart from those cost tables,

@@ -8,6 +8,7 @@ import dataclasses
 
 from efficientrollout.cli import build_parser
 from efficientrollout.engines.native import EngineConfig
+from efficientrollout.engines.sglang import SGLangConfig
 from efficientrollout.options import from_arguments
 from efficientrollout.pipeline.service import WorkerConfig
 from efficientrollout.speculation import SpeculationConfig
@@ -20,7 +21,8 @@ def _dests(parser) -> set[str]:
 
 def test_every_config_field_is_a_flag_with_the_structs_default():
     parser = build_parser()
-    fields = {f.name for cls in (EngineConfig, SpeculationConfig, WorkerConfig) for f in dataclasses.fields(cls)} - {"speculation"}
+    fields = {f.name for cls in (EngineConfig, SpeculationConfig, WorkerConfig, SGLangConfig) for f in dataclasses.fields(cls)}
+    fields -= {"speculation"}
     assert fields <= _dests(parser), fields - _dests(parser)
     assert from_arguments(EngineConfig, parser.parse_args(["generate", "hello"])) == EngineConfig()
     a = parser.parse_args(["engine", "--redis", "redis://h:1/0"])

@@ -22,7 +22,7 @@ from .options import add_arguments, from_arguments
 from .pipeline.demo import add_demo_args, run_demo
 from .protocol import ChatMessage, RolloutRequest, SamplingParams
 
-BACKENDS = ("native",)
+BACKENDS = ("native", "sglang")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -39,13 +39,19 @@ def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _engine(a: argparse.Namespace, engine_id: str | None = None) -> NativeEngine:
+def _engine(a: argparse.Namespace, engine_id: str | None = None):
+    """The backend asked for (`--backend`; `generate` is always native), from its config structs."""
     if getattr(a, "threads", None):
         import torch
 
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    engine = NativeEngine(from_arguments(EngineConfig, a), engine_id=engine_id)
+    if getattr(a, "backend", "native") == "sglang":
+        from .engines.sglang import SGLangConfig, SGLangEngine
+
+        engine = SGLangEngine(from_arguments(EngineConfig, a), from_arguments(SGLangConfig, a), engine_id=engine_id)
+    else:
+        engine = NativeEngine(from_arguments(EngineConfig, a), engine_id=engine_id)
     print(f"loaded {engine.model_path} on {engine.device} ({engine.dtype}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return engine
 
@@ -83,7 +89,11 @@ def _serve_engine(a: argparse.Namespace) -> None:
     from .pipeline.service import EngineService, WorkerConfig
 
     config = from_arguments(WorkerConfig, a)  # before loading the model: a bad flag fails fast
-    anyio.run(EngineService(_engine(a, engine_id=a.engine_id), config).run)
+    engine = _engine(a, engine_id=a.engine_id)
+    try:
+        anyio.run(EngineService(engine, config).run)
+    finally:
+        engine.close()
 
 
 def _serve_policies(a: argparse.Namespace) -> None:
@@ -150,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_arguments(eng.add_argument_group("worker (WorkerConfig)"), WorkerConfig)
     _engine_args(eng)
+    from .engines.sglang.config import SGLangConfig
+
+    add_arguments(eng.add_argument_group("SGLang backend (SGLangConfig; with --backend sglang)"), SGLangConfig)
 
     pol = sub.add_parser("policy-server", help="serve versioned policy weights over HTTP")
     pol.add_argument("--store", required=True, help="directory of the versions")

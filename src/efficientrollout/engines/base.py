@@ -43,3 +43,7 @@ class Engine(Protocol):
     def update_weights(self, weights: Mapping[str, torch.Tensor] | str | os.PathLike, version: int) -> float:
         """Load new weights between waves (old ones keep serving if they do not fit)."""
         ...
+
+    def close(self) -> None:
+        """Release what the engine owns beyond this process (a server it started)."""
+        ...

