@@ -94,9 +94,11 @@ def test_weight_updates_change_outputs_and_bad_weights_keep_the_old_version(sgla
     prompt = [chat(0, "Describe the sea.", temperature=0.0, max_new_tokens=16, ignore_eos=True)]
     before = sglang_engine.generate(prompt)[0]
     state = read_state_dict(bundled_model_dir())
-    changed = {k: (v * 1.5 if "mlp" in k else v) for k, v in state.items()}
+    changed = {k: (v * 1.2 if "mlp" in k else v) for k, v in state.items()}
     assert sglang_engine.update_weights(changed, version=1) > 0
-    after = sglang_engine.generate(prompt)[0]
+    # the second run: the prompt's KV then comes from SGLang's prefix cache, as in every later run
+    # (a cold and a cached prefill round differently in bf16, enough to flip a near-tie)
+    after = [sglang_engine.generate(prompt)[0] for _ in range(2)][-1]
     assert after.policy_version == 1 and after.output_token_ids != before.output_token_ids
     bad = dict(state)
     bad["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))

@@ -62,7 +62,8 @@ class SGLangEngine:
                  workdir: str | os.PathLike | None = None):
         from transformers import AutoTokenizer
 
-        self.config, self.sglang = config, sglang = sglang or SGLangConfig()
+        sglang = sglang or SGLangConfig()
+        self.config, self.sglang = config, sglang
         self.device = resolve_device(config.device)
         self.dtype = str(resolve_dtype(config.dtype, self.device)).removeprefix("torch.")
         self.model_path = resolve_model(config.model)
@@ -77,19 +78,20 @@ class SGLangEngine:
         self._served_dir = self.model_path
         self._abort = threading.Event()
         self._generating = False
-        self.server = SGLangServer(sglang.sglang_python, self._server_args(self.model_path), self._server_env(),
+        self.server = SGLangServer(sglang.sglang_python, self._server_args(self.model_path, 0), self._server_env(),
                                    self.workdir / "sglang.log", sglang.sglang_startup_timeout_s)
         self.server.ensure()
         self.http = httpx.Client(timeout=httpx.Timeout(sglang.sglang_request_timeout_s, connect=10.0),
                                  limits=httpx.Limits(max_connections=config.max_batch_size))
 
-    def _server_args(self, model_dir: Path) -> list[str]:
+    def _server_args(self, model_dir: Path, version: int) -> list[str]:
+        """The server's flags; a restarted server comes back with the weights and version last loaded."""
         c, s = self.config, self.sglang
-        args = ["--model-path", str(model_dir), "--dtype", self.dtype, "--device", self.device.type,
+        args = ["--model-path", str(model_dir), "--weight-version", str(version), "--dtype", self.dtype, "--device", self.device.type,
                 "--context-length", str(c.max_seq_len), "--max-running-requests", str(c.max_batch_size),
                 "--max-total-tokens", str(s.sglang_max_total_tokens), "--log-level", "warning", "--skip-server-warmup"]
-        if self.device.type == "cpu":
-            args.append("--disable-cuda-graph")
+        if self.device.type == "cpu":  # SGLang's CPU docs: its overlap scheduler's spinning thread starves 2 cores
+            args += ["--disable-cuda-graph", "--disable-overlap-schedule"]
         if s.sglang_speculation == "standalone":
             args += ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(model_dir),
                      "--speculative-num-steps", str(s.sglang_draft_tokens - 1), "--speculative-eagle-topk", "1",
@@ -143,7 +145,7 @@ class SGLangEngine:
             shutil.rmtree(target, ignore_errors=True)
             raise WeightError(f"{source}: SGLang refused it ({r.get('message')}); the previous weights keep serving")
         previous, self._served_dir, self.version = self._served_dir, target, version
-        self.server.server_args = self._server_args(target)  # a restarted server serves the new weights
+        self.server.server_args = self._server_args(target, version)
         if previous != self.model_path:
             shutil.rmtree(previous, ignore_errors=True)
         return time.perf_counter() - t0
