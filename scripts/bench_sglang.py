@@ -72,7 +72,8 @@ def main() -> None:
     print(f"\n{'variant':<20}{'wall s':>8}{'tok/s':>8}{'accept':>8}{'vs SGLang plain':>17}")
     for name, v in variants.items():
         print(f"{name:<20}{v['wall_s']:>8}{v['tok_s']:>8}{str(v['acceptance']):>8}{str(v.get('speedup_vs_sglang_plain', '-')):>17}")
-    print(json.dumps({"bench": "sglang", "max_len": a.max_len, "dtype": a.dtype, "cpu": platform.processor() or platform.machine(),
+    cpu = "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2" if torch.cpu._is_avx2_supported() else platform.machine()
+    print(json.dumps({"bench": "sglang", "max_len": a.max_len, "dtype": a.dtype, "cpu": cpu,
                       "sglang_args": a.sglang_args, "variants": variants}))
 
 
