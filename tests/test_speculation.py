@@ -53,6 +53,16 @@ def test_greedy_identical_to_plain(tiny_engine, spec_engines, mode):
         assert np.allclose(got.logprobs, want.logprobs, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cpu._is_avx512_supported() and not torch.cuda.is_available(), reason="int4 needs AVX512 or CUDA")
+def test_int4_drafter_is_lossless(tiny_engine, tiny_dir):
+    spec = engine(tiny_dir, mode="always", k=4, drafter="int4", int4_group_size=32)
+    requests = [req(i, PROMPTS[i % len(PROMPTS)], temperature=0.0, max_new_tokens=20, ignore_eos=True) for i in range(8)]
+    results = spec.generate(requests)
+    assert [r.output_token_ids for r in results] == [r.output_token_ids for r in tiny_engine.generate(requests)]
+    drafted, accepted = sum(r.speculation.drafted for r in results), sum(r.speculation.accepted for r in results)
+    assert drafted > 0 and 0 < accepted
+
+
 def test_stops_inside_an_accepted_draft_match_plain(tiny_engine, tiny_dir):
     spec = engine(tiny_dir, mode="always", k=8, drafter="exact")  # every draft accepted: stops land inside drafts
     base = tiny_engine.generate([req(0, "Hello there", temperature=0.0, max_new_tokens=30, ignore_eos=True)])[0]

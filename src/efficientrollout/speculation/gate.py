@@ -28,7 +28,7 @@ class SpeculationConfig:
                        choices=MODES, flag="--speculation")
     k: int = option(4, "draft length for --speculation always")
     k_max: int = option(8, "adaptive chooses K in 0..k_max per step")
-    drafter: str = option("int8", "int8 (torchao, per channel) | int4 (group-wise; CUDA only) | exact (unquantized: tests)",
+    drafter: str = option("int8", "int8 (torchao, per channel) | int4 (group-wise; CUDA and AVX512 CPUs) | exact (unquantized: tests)",
                           choices=("int8", "int4", "exact"))
     int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
     probe: bool = option(True, "seed the cost model with a start-up probe of a few seconds")
