@@ -69,11 +69,13 @@ def main() -> None:
     ap.add_argument("--sweep-k", type=int, default=8)
     ap.add_argument("--png", default="out/rollout_timeline.png")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--drafter", default="int8", choices=["int8", "int4"])
     a = ap.parse_args()
     torch.set_grad_enabled(False)
 
     t0 = time.perf_counter()
-    engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=64, max_seq_len=a.max_len + 128))
+    engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=64, max_seq_len=a.max_len + 128,
+                                       speculation=SpeculationConfig(drafter=a.drafter)))
     init_s = time.perf_counter() - t0
     probed = copy.deepcopy(engine.gate)
     requant_s = min(engine.drafter.requantize() for _ in range(3))
