@@ -57,3 +57,16 @@ def test_missing_and_unsupported_checkpoints_name_the_file(tmp_path, tiny_dir):
     (broken / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_model(broken, torch.float32, torch.device("cpu"), 32)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cached_attention_matches_sdpa(dtype, atol):
+    from efficientrollout.models.decoder import cached_attention
+
+    torch.manual_seed(0)
+    b, H, Hkv, T, S, D = 3, 6, 2, 4, 20, 16
+    q, keys, values = (torch.randn(b, h, n, D, dtype=dtype) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+    positions = torch.tensor([[16, 17, 18, 19], [5, 6, 7, 8], [10, 11, 12, 13]])  # rows at different depths
+    mask = (torch.arange(S) <= positions[:, :, None])[:, None]  # [b, 1, T, S]
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(cached_attention(q, keys, values, mask), want, atol=atol, rtol=0)

@@ -33,6 +33,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     return x * cos + swapped * sin_signed
 
 
+def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention of a few new queries per row over the cache, as two batched matmuls.
+
+    Why not SDPA: on CPUs in bf16, `scaled_dot_product_attention` with a mask over the cache
+    costs 0.17 ms per layer at batch 4, 0.67 ms at 16 and 2.7 ms at 64 (one query each, 100
+    keys; measured on a 2-core AVX512-BF16 CPU), most of a batch-64 step; these matmuls take
+    0.06, 0.09 and 0.19 ms. Scores are softmaxed in fp32.
+    q [b, H, T, D]; keys, values [b, Hkv, S, D]; mask [b, 1, T, S] (True: visible) → [b, H, T, D]."""
+    b, H, T, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    g = H // Hkv  # query heads per kv head (GQA): their queries share one matmul
+    scores = torch.matmul(q.reshape(b, Hkv, g * T, D), keys.transpose(-1, -2)).float() * D**-0.5  # [b, Hkv, g*T, S]
+    scores = scores.view(b, Hkv, g, T, S).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, Hkv, g * T, S)
+    return torch.matmul(probs, values).view(b, H, T, D)
+
+
 class Linear(nn.Linear):
     """nn.Linear that can run from a oneDNN-prepacked copy of its weight on CPU.
 
@@ -117,7 +134,10 @@ class Layer(nn.Module):
             # Decode / verify: rows are cache slots 0..b-1, attend the cache up to kv_len.
             keys = k_cache[:b, : ctx.kv_len].transpose(1, 2)  # [b, Hkv, S, D]
             values = v_cache[:b, : ctx.kv_len].transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask, enable_gqa=True)
+            if b > 1 and x.device.type == "cpu" and x.dtype != torch.float32:
+                attn = cached_attention(q.transpose(1, 2), keys, values, ctx.mask)
+            else:  # fp32 and single rows: SDPA is as fast or faster
+                attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask, enable_gqa=True)
         x = x + self.o(attn.transpose(1, 2).reshape(b, T, cfg.q_size))
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
