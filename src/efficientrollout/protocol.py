@@ -116,6 +116,14 @@ class RolloutResult(msgspec.Struct, kw_only=True):
     metadata: dict[str, object] = {}
 
 
+def error_result(request_id: str, sample_index: int, error: str, policy_version: int, metadata: dict[str, object],
+                 engine_id: str = "", backend: str = "", dtype: str = "") -> RolloutResult:
+    """The result of a sample that could not be served: no tokens, `finish_reason` "error", `error` says why."""
+    return RolloutResult(request_id=request_id, sample_index=sample_index, policy_version=policy_version, prompt_token_ids=[],
+                         output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error, engine_id=engine_id,
+                         backend=backend, dtype=dtype, metadata=metadata)
+
+
 class FileEntry(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     size: int  # bytes

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from ..protocol import RolloutRequest, RolloutResult, StepRecord
+from ..protocol import RolloutRequest, RolloutResult, StepRecord, error_result
 
 
 class EngineUnusable(RuntimeError):
@@ -47,3 +47,14 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release what the engine owns beyond this process (a server it started)."""
         ...
+
+
+def engine_error(engine: Engine, request: RolloutRequest, index: int, error: str) -> RolloutResult:
+    """Sample `index` of `request` could not be served by `engine`."""
+    return error_result(request.id, index, error, engine.version, request.metadata, engine.engine_id, engine.backend, engine.dtype)
+
+
+def in_request_order(results: Iterable[RolloutResult], requests: list[RolloutRequest]) -> list[RolloutResult]:
+    """A wave's results ordered by request, then sample index (what `generate` returns)."""
+    order = {r.id: i for i, r in enumerate(requests)}
+    return sorted(results, key=lambda r: (order[r.request_id], r.sample_index))

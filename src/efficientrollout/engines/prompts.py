@@ -13,8 +13,22 @@ class PromptError(ValueError):
 
 
 def encode_prompt(tokenizer, request: RolloutRequest, vocab_size: int, max_seq_len: int, model_path: Path) -> list[int]:
-    """The prompt's token ids; PromptError if they cannot be served. Other exceptions (a chat
-    template or tokenizer failing on this request) are the caller's to turn into an error result."""
+    """The prompt's token ids; PromptError if they cannot be served, including when the chat
+    template or the tokenizer fails on this request (an empty chat, say)."""
+    try:
+        ids = _encode(tokenizer, request, vocab_size, model_path)
+    except PromptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the template or tokenizer raises, it is this request's
+        raise PromptError(f"could not encode the prompt ({type(exc).__name__}: {exc})") from exc
+    if not ids:
+        raise PromptError("the prompt is empty")
+    if len(ids) >= max_seq_len:
+        raise PromptError(f"prompt has {len(ids)} tokens; this engine's max_seq_len is {max_seq_len}")
+    return list(ids)
+
+
+def _encode(tokenizer, request: RolloutRequest, vocab_size: int, model_path: Path) -> list[int]:
     if request.prompt_token_ids is not None:
         ids = request.prompt_token_ids
         bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -28,8 +42,4 @@ def encode_prompt(tokenizer, request: RolloutRequest, vocab_size: int, max_seq_l
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(request.prompt)
-    if not ids:
-        raise PromptError("the prompt is empty")
-    if len(ids) >= max_seq_len:
-        raise PromptError(f"prompt has {len(ids)} tokens; this engine's max_seq_len is {max_seq_len}")
-    return list(ids)
+    return ids

@@ -114,15 +114,10 @@ class PolicyClient:
                             while chunk := r.read(4 << 20):
                                 digest.update(chunk)
                                 f.write(chunk)
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500:
+            except (OSError, http.client.HTTPException) as exc:  # URLError and HTTPError are OSErrors
+                if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                     _raise_for_status(url, exc.code, exc.read().decode(errors="replace"))
-                if attempt == self.retries:
-                    raise PolicyUnavailable(f"{url}: HTTP {exc.code} after {attempt + 1} attempts") from exc
-                time.sleep(0.2 * (attempt + 1))
-                continue
-            except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-                if attempt == self.retries:
+                if attempt == self.retries:  # 5xx or connection trouble, every time
                     raise PolicyUnavailable(f"{url}: {exc} after {attempt + 1} attempts") from exc
                 time.sleep(0.2 * (attempt + 1))
                 continue

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import msgspec
 import redis.asyncio as aioredis
 
-from ..protocol import FINISH_ERROR, RolloutRequest, RolloutResult
+from ..protocol import RolloutRequest, RolloutResult, error_result
 from .keys import RedisKeys
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -173,9 +173,7 @@ class RolloutQueue:
         """Error results for every sample of an entry, then ack it."""
         request_id = claimed.request.id if claimed.request else claimed.raw_id
         metadata = claimed.request.metadata if claimed.request else {}
-        results = [RolloutResult(request_id=request_id, sample_index=i, policy_version=-1, prompt_token_ids=[],
-                                 output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
-                                 metadata=metadata) for i in range(samples)]
+        results = [error_result(request_id, i, error, -1, metadata) for i in range(samples)]
         await self.write_results(results, [claimed.entry_id] * samples, acks=[claimed.entry_id])
 
     # ---- internals -----------------------------------------------------------------------

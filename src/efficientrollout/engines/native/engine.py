@@ -27,7 +27,6 @@ from ...models import (
     read_state_dict,
 )
 from ...protocol import (
-    FINISH_ERROR,
     RolloutRequest,
     RolloutResult,
     SpeculationStats,
@@ -37,7 +36,7 @@ from ...protocol import (
 from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate
 from ...speculation.drafter import pick_kernel
-from ..base import EngineUnusable
+from ..base import EngineUnusable, engine_error, in_request_order
 from ..prompts import PromptError, encode_prompt
 from .runner import ModelRunner
 from .sequence import Sequence
@@ -164,9 +163,7 @@ class NativeEngine:
     def generate(self, requests: Iterable[RolloutRequest]) -> list[RolloutResult]:
         """All results, ordered by request then sample index."""
         requests = list(requests)
-        order = {r.id: i for i, r in enumerate(requests)}
-        results = list(self.stream(requests))
-        return sorted(results, key=lambda r: (order[r.request_id], r.sample_index))
+        return in_request_order(self.stream(requests), requests)
 
     def stream(self, requests: Iterable[RolloutRequest], stop: Callable[[], bool] | None = None) -> Iterator[RolloutResult]:
         """Generate a wave; yield each sample's result as soon as it finishes. A request that
@@ -182,9 +179,8 @@ class NativeEngine:
             for request in requests:
                 try:
                     waiting.extend(self._sequences(request))
-                except Exception as exc:  # noqa: BLE001 - one request's failure is its own error result
-                    error = str(exc) if isinstance(exc, PromptError) else f"could not encode the prompt ({type(exc).__name__}: {exc})"
-                    yield from (self._error_result(request, i, error) for i in range(request.sampling.n))
+                except PromptError as exc:  # one request's failure is its own error result
+                    yield from (engine_error(self, request, i, str(exc)) for i in range(request.sampling.n))
             running: list[Sequence] = []
             self.trace, self._wave_t0 = [], time.perf_counter()
             self.gate.start_wave()
@@ -308,12 +304,12 @@ class NativeEngine:
             try:
                 result = self._result(done)
             except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer cannot decode this sample's tokens
-                result = self._error_result(done.request, done.sample_index, f"could not build the result ({type(exc).__name__}: {exc})")
+                result = engine_error(self, done.request, done.sample_index, f"could not build the result ({type(exc).__name__}: {exc})")
             yield result
 
     def _result(self, s: Sequence) -> RolloutResult:
         if s.error is not None:
-            return self._error_result(s.request, s.sample_index, s.error)
+            return engine_error(self, s.request, s.sample_index, s.error)
         now = time.perf_counter()
         return RolloutResult(
             request_id=s.request.id,
@@ -332,12 +328,6 @@ class NativeEngine:
             metadata=s.request.metadata,
         )
 
-    def _error_result(self, request: RolloutRequest, index: int, error: str) -> RolloutResult:
-        return RolloutResult(
-            request_id=request.id, sample_index=index, policy_version=self.version, prompt_token_ids=[],
-            output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
-            engine_id=self.engine_id, backend=self.backend, dtype=self.dtype, metadata=request.metadata,
-        )
 
 
 __all__ = ["CheckpointError", "EngineConfig", "NativeEngine", "PromptError"]

@@ -39,7 +39,6 @@ import torch
 from ...models import WeightError, check_state_dict, read_state_dict
 from ...models.checkpoint import resolve_model, safetensor_files
 from ...protocol import (
-    FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_STOP,
     RolloutRequest,
@@ -50,6 +49,7 @@ from ...protocol import (
 )
 from ...sampling import derive_seed
 from ..native.engine import EngineConfig, resolve_device, resolve_dtype
+from ..base import engine_error, in_request_order
 from ..prompts import PromptError, encode_prompt
 from .config import SGLangConfig
 from .server import SGLangServer
@@ -162,8 +162,7 @@ class SGLangEngine:
     def generate(self, requests: Iterable[RolloutRequest]) -> list[RolloutResult]:
         """All results, ordered by request then sample index."""
         requests = list(requests)
-        order = {r.id: i for i, r in enumerate(requests)}
-        return sorted(self.stream(requests), key=lambda r: (order[r.request_id], r.sample_index))
+        return in_request_order(self.stream(requests), requests)
 
     def stream(self, requests: Iterable[RolloutRequest], stop: Callable[[], bool] | None = None) -> Iterator[RolloutResult]:
         """One /generate per sample, all in flight at once (SGLang batches them); each result is
@@ -182,9 +181,8 @@ class SGLangEngine:
                         raise PromptError(f"min_policy_version {request.min_policy_version} is newer than this "
                                           f"engine's weights (version {self.version})")
                     ids = encode_prompt(self.tokenizer, request, self.vocab_size, self.config.max_seq_len, self.model_path)
-                except Exception as exc:  # noqa: BLE001 - one request's failure is its own error result
-                    error = str(exc) if isinstance(exc, PromptError) else f"could not encode the prompt ({type(exc).__name__}: {exc})"
-                    yield from (self._error_result(request, i, error) for i in range(request.sampling.n))
+                except PromptError as exc:  # one request's failure is its own error result
+                    yield from (engine_error(self, request, i, str(exc)) for i in range(request.sampling.n))
                     continue
                 base = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
                 samples += [(request, i, ids, derive_seed(base, i)) for i in range(request.sampling.n)]
@@ -224,15 +222,15 @@ class SGLangEngine:
         r = self.http.post(f"{self.server.url}/generate", json={
             "input_ids": prompt_ids, "sampling_params": params, "return_logprob": True, "logprob_start_len": -1, "rid": rid})
         if 400 <= r.status_code < 500:  # this sample's own problem (SGLang validated and refused it)
-            return self._error_result(request, index, f"SGLang refused the request (HTTP {r.status_code}): {r.text[:300]}")
+            return engine_error(self, request, index, f"SGLang refused the request (HTTP {r.status_code}): {r.text[:300]}")
         r.raise_for_status()
         out = r.json()
         meta = out["meta_info"]
         finish = (meta.get("finish_reason") or {}).get("type")
         if finish == "abort":
-            return self._error_result(request, index, f"SGLang aborted the request: {meta.get('finish_reason')}")
+            return engine_error(self, request, index, f"SGLang aborted the request: {meta.get('finish_reason')}")
         if str(meta.get("weight_version", self.version)) != str(self.version):
-            return self._error_result(request, index, f"served by SGLang weight_version {meta.get('weight_version')}, "
+            return engine_error(self, request, index, f"served by SGLang weight_version {meta.get('weight_version')}, "
                                                       f"expected {self.version}")
         token_logprobs = meta["output_token_logprobs"]  # [[logprob, token id, text], ...]
         return RolloutResult(
@@ -245,12 +243,6 @@ class SGLangEngine:
                                          accepted=int(meta.get("spec_num_correct_drafts", 0))),
         )
 
-    def _error_result(self, request: RolloutRequest, index: int, error: str) -> RolloutResult:
-        return RolloutResult(
-            request_id=request.id, sample_index=index, policy_version=self.version, prompt_token_ids=[],
-            output_token_ids=[], text="", logprobs=[], finish_reason=FINISH_ERROR, error=error,
-            engine_id=self.engine_id, backend=self.backend, dtype=self.dtype, metadata=request.metadata,
-        )
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:
