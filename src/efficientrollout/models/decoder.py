@@ -13,12 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import cpu_ops
 from .config import ModelConfig
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if x.dtype == torch.float32:  # one fused kernel; same math as below
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if x.device.type == "cpu" and (kernels := cpu_ops()) is not None:  # one kernel, bit-identical to below
+        return kernels.rms_norm(x, weight, eps)
     # Reference op order for low precision: normalise in fp32, cast back, then scale.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -118,18 +121,23 @@ class Layer(nn.Module):
         b, T, _ = x.shape
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
         qkv = self.qkv(h).view(b, T, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
-        qk, v = qkv.split([cfg.num_heads + cfg.num_kv_heads, cfg.num_kv_heads], dim=2)
-        if cfg.qk_norm:
-            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=2)
-            qk = torch.cat((rms_norm(q, self.q_norm, cfg.rms_norm_eps), rms_norm(k, self.k_norm, cfg.rms_norm_eps)), dim=2)
-        q, k = apply_rope(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=2)  # RoPE on q and k at once
-        k_cache[ctx.rows_bt, ctx.positions] = k
-        v_cache[ctx.rows_bt, ctx.positions] = v
+        if ctx.kernels is not None and not cfg.qk_norm:  # decode/verify on CPU: one kernel
+            q = ctx.kernels.rope_and_cache(qkv, cos, sin, k_cache, v_cache, ctx.rows, ctx.positions, cfg.num_heads)
+        else:
+            qk, v = qkv.split([cfg.num_heads + cfg.num_kv_heads, cfg.num_kv_heads], dim=2)
+            if cfg.qk_norm:
+                q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=2)
+                qk = torch.cat((rms_norm(q, self.q_norm, cfg.rms_norm_eps), rms_norm(k, self.k_norm, cfg.rms_norm_eps)), dim=2)
+            q, k = apply_rope(qk, cos, sin).split([cfg.num_heads, cfg.num_kv_heads], dim=2)  # RoPE on q and k at once
+            k_cache[ctx.rows_bt, ctx.positions] = k
+            v_cache[ctx.rows_bt, ctx.positions] = v
         if ctx.kv_len is None:
             # Prefill: prompts start at position 0, attend the fresh keys causally.
             attn = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-            )
+            ).transpose(1, 2)
+        elif ctx.kernels is not None:  # our CPU kernel reads the cache in place: [b, T, H, D]
+            attn = ctx.kernels.decode_attention(q, k_cache, v_cache, ctx.positions, ctx.kv_len)
         else:
             # Decode / verify: rows are cache slots 0..b-1, attend the cache up to kv_len.
             keys = k_cache[:b, : ctx.kv_len].transpose(1, 2)  # [b, Hkv, S, D]
@@ -138,7 +146,8 @@ class Layer(nn.Module):
                 attn = cached_attention(q.transpose(1, 2), keys, values, ctx.mask)
             else:  # fp32 and single rows: SDPA is as fast or faster
                 attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask, enable_gqa=True)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, T, cfg.q_size))
+            attn = attn.transpose(1, 2)
+        x = x + self.o(attn.reshape(b, T, cfg.q_size))
         h = rms_norm(x, self.post_norm, cfg.rms_norm_eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -147,17 +156,19 @@ class Layer(nn.Module):
 class StepContext:
     """Per-step indexing shared by all layers: which cache rows and positions the tokens occupy."""
 
-    __slots__ = ("rows_bt", "positions", "kv_len", "mask")
+    __slots__ = ("rows", "rows_bt", "positions", "kv_len", "mask", "kernels")
 
-    def __init__(self, positions: Tensor, rows: Tensor | None, kv_len: int | None):
+    def __init__(self, positions: Tensor, rows: Tensor | None, kv_len: int | None, kernels=None):
         b, T = positions.shape
         self.positions = positions  # [b, T]
         if rows is None:
             rows = torch.arange(b, device=positions.device)
+        self.rows = rows
         self.rows_bt = rows[:, None].expand(b, T)
         self.kv_len = kv_len
+        self.kernels = kernels  # torch.ops namespace of our CPU decode kernels, or None
         self.mask = None
-        if kv_len is not None:
+        if kv_len is not None and kernels is None:
             # key j is visible to the query at position p iff j <= p  → [b, 1, T, kv_len]
             self.mask = (torch.arange(kv_len, device=positions.device) <= positions[:, :, None])[:, None]
 
@@ -201,13 +212,21 @@ class Decoder(nn.Module):
         rows=None, kv_len=n: decode/verify for cache slots 0..b-1 attending positions < n.
         rows=slots, kv_len=None: prefill of prompts (starting at position 0) into those slots.
         """
-        ctx = StepContext(positions, rows, kv_len)
+        ctx = StepContext(positions, rows, kv_len, None if kv_len is None else self.decode_kernels(tokens))
         x = self.embed(tokens)
         cos = self.cos[positions].to(x.dtype)[:, :, None]
         sin = self.sin[positions].to(x.dtype)[:, :, None]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, ctx, cache.k[i], cache.v[i])
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def decode_kernels(self, tokens: Tensor):
+        """Our CPU attention kernel where it wins: bf16/fp16 decode and verify on CPUs, 3-7x
+        faster than SDPA per layer at one query per row (AVX512-BF16, 2 cores). fp32 keeps SDPA,
+        whose fp32 CPU kernel is as fast at small batches."""
+        if tokens.device.type != "cpu" or self.embed.weight.dtype == torch.float32:
+            return None
+        return cpu_ops()
 
     def pack_weights(self) -> None:
         """(Re)derive the CPU fast-path copies of every linear; call after loading weights."""

@@ -1,0 +1,96 @@
+"""Our C++ CPU decode kernels against the PyTorch ops they replace (the slow obvious path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import efficientrollout.models.decoder as decoder_module
+from efficientrollout.kernels import cpu_ops
+from efficientrollout.models.decoder import apply_rope
+
+OPS = cpu_ops()
+pytestmark = pytest.mark.skipif(OPS is None, reason="no C++ compiler here: the CPU kernels could not be built")
+
+
+def _reference_attention(q, k_cache, v_cache, positions, kv_len):
+    """fp32 SDPA over the cache with the visibility mask: q [b, T, H, D] → [b, T, H, D]."""
+    b = q.shape[0]
+    keys, values = (c[:b, :kv_len].transpose(1, 2).float() for c in (k_cache, v_cache))
+    mask = (torch.arange(kv_len) <= positions[:, :, None])[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), keys, values, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,T,S", [(1, 1, 7), (1, 1, 700), (3, 4, 40), (5, 1, 300), (2, 6, 1000)])
+def test_decode_attention_matches_sdpa(dtype, b, T, S):
+    torch.manual_seed(b * 100 + T + S)
+    H, Hkv, D = 6, 2, 16
+    qkv = torch.randn(b, T, H + 2 * Hkv, D, dtype=dtype)
+    q = qkv[:, :, :H]  # a strided view, as the decoder passes it
+    k_cache, v_cache = torch.randn(2, 8, 1024, Hkv, D, dtype=dtype)
+    # rows at different depths; a row may see fewer keys than kv_len (the batch's longest)
+    ends = torch.tensor([S - 1 - 3 * i for i in range(b)]).clamp(min=T - 1)
+    positions = ends[:, None] - torch.arange(T - 1, -1, -1)
+    out = OPS.decode_attention(q, k_cache, v_cache, positions, S)
+    want = _reference_attention(q, k_cache, v_cache, positions, S)
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_is_bit_identical_to_the_reference_op_order(dtype):
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 3, 576, dtype=dtype) * 3, (torch.rand(576) + 0.5).to(dtype)
+    xf = x.float()
+    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    got = OPS.rms_norm(x, w, 1e-5)
+    if dtype == torch.bfloat16:  # the engine's default CPU precision: exactly the same bits
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_and_cache_write_match_the_torch_ops(dtype):
+    torch.manual_seed(1)
+    b, T, H, Hkv, D, slots, S = 3, 4, 6, 2, 16, 5, 64
+    qkv = torch.randn(b, T, H + 2 * Hkv, D, dtype=dtype)
+    angles = torch.randn(b, T, 1, D // 2)
+    cos = torch.cat((angles.cos(), angles.cos()), -1).to(dtype)
+    sin = torch.cat((-angles.sin(), angles.sin()), -1).to(dtype)
+    rows, positions = torch.tensor([4, 0, 2]), torch.tensor([[3, 4, 5, 6], [10, 11, 12, 13], [0, 1, 2, 3]])
+    k_cache, v_cache = torch.zeros(2, slots, S, Hkv, D, dtype=dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    qk, v = qkv.split([H + Hkv, Hkv], dim=2)
+    want_q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)
+    want_k[rows[:, None].expand(b, T), positions] = k
+    want_v[rows[:, None].expand(b, T), positions] = v
+    q = OPS.rope_and_cache(qkv, cos, sin, k_cache, v_cache, rows, positions, H)
+    assert torch.equal(v_cache, want_v)
+    if dtype == torch.bfloat16:  # each product rounds to bf16 first, as the ops do: the same bits
+        assert torch.equal(q, want_q) and torch.equal(k_cache, want_k)
+    else:  # fp32: the compiler may fuse multiply-add (one rounding less)
+        torch.testing.assert_close(q, want_q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(k_cache, want_k, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        OPS.rope_and_cache(qkv, cos, sin, k_cache, v_cache, rows, positions + S, H)
+
+
+def test_bf16_decode_with_kernels_matches_the_torch_path(tiny_dir, monkeypatch):
+    """The whole bf16 decoder (prefill, then decode and verify steps) with and without the kernels."""
+    from efficientrollout.engines.native.runner import ModelRunner
+    from efficientrollout.models import load_model
+
+    loaded = load_model(tiny_dir, torch.bfloat16, torch.device("cpu"), max_seq_len=128)
+    runner = ModelRunner(loaded.decoder, max_batch_size=3, max_seq_len=128)
+    runner.prefill([[5, 17, 300, 42, 9], [8, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]], slots=[0, 1, 2])
+    tokens, positions = torch.tensor([[11, 12, 13], [21, 22, 23], [31, 32, 33]]), torch.tensor([[5, 6, 7], [3, 4, 5], [8, 9, 10]])
+    fast = runner.forward(tokens, positions, kv_len=11)
+    monkeypatch.setattr(decoder_module, "cpu_ops", lambda: None)
+    slow = runner.forward(tokens, positions, kv_len=11)
+    # bf16 rounding of the attention output differs; logits stay within bf16 noise of each other
+    assert (fast - slow).abs().max() < 0.05 * slow.abs().max()
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.95
