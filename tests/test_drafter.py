@@ -22,23 +22,30 @@ def test_quantized_kernels_approximate_the_target_linear(kernel, dtype):
     torch.manual_seed(0)
     target = Linear(128, 48, bias=True).to(dtype)
     target.pack()
-    x = torch.randn(4, 2, 128, dtype=dtype)  # 8 rows: the packed kernels' range
-    exact = target(x).float()
-    approx = QuantLinear(target, kernel, group_size=64)(x)
-    assert approx.shape == exact.shape and approx.dtype == dtype
-    rel = (approx.float() - exact).norm() / exact.norm()
-    assert 0 < rel < (0.15 if kernel == "int4pack" else 0.05), rel
+    q = QuantLinear(target, kernel, group_size=64)
+    for x in (torch.randn(2, 2, 128, dtype=dtype), torch.randn(8, 3, 128, dtype=dtype)):  # within and beyond packed range
+        exact = target(x).float()
+        approx = q(x)
+        assert approx.shape == exact.shape and approx.dtype == dtype
+        rel = (approx.float() - exact).norm() / exact.norm()
+        assert 0 < rel < (0.15 if kernel == "int4pack" and x.shape[0] == 2 else 0.05), rel
 
 
 @pytest.mark.skipif(not AVX512, reason="the packed CPU kernels need AVX512")
 @pytest.mark.parametrize("kernel", ["int8pack", "int4pack"])
-def test_packed_kernels_hand_large_batches_to_the_target_linear(kernel):
+def test_packed_kernels_hand_large_batches_to_fbgemm_over_the_same_int8_weights(kernel):
+    torch.manual_seed(0)
     target = Linear(128, 48, bias=False).to(torch.bfloat16)
     target.pack()
     q = QuantLinear(target, kernel, group_size=64)
-    x = torch.randn(PACKED_MAX_ROWS + 1, 128, dtype=torch.bfloat16)
-    assert torch.equal(q(x), target(x))  # where the packed kernel is slower than the target's own
-    assert not torch.equal(q(x[:PACKED_MAX_ROWS]), target(x[:PACKED_MAX_ROWS]))
+    n = PACKED_MAX_ROWS[kernel]
+    x = torch.randn(n + 1, 128, dtype=torch.bfloat16)
+    fbgemm = QuantLinear(target, "fbgemm")
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        assert torch.equal(q(x), fbgemm(x))  # beyond the packed kernel's rows: the FBGEMM path
+    else:
+        assert torch.equal(q(x), target(x))
+    assert not torch.equal(q(x[:n]), fbgemm(x[:n]))  # within them: the packed kernel itself
 
 
 def test_drafter_shares_all_but_linears_and_follows_live_weights(tiny_engine):

@@ -15,10 +15,12 @@ on CUDA: torchao's Int8Tensor itself.
 int4 (group-wise, asymmetric, torchao's `groupwise_affine_quantize_tensor`): on CUDA in torchao's
 tinygemm tile-packed layout; on AVX512 CPUs packed for ATen's `_weight_int4pack_mm_for_cpu`.
 Measured on a 2-core AVX512-BF16 CPU, all 121 linears of SmolLM2 with cold weights: int4 runs at
-0.33x the bf16 target's time at 1-2 rows, 0.46x at 4, 0.78x at 8 (int8pack: 0.57, 0.57, 0.66,
-0.99), but both GEMV-style kernels lose from about 8 rows up (16: 1.2-1.4x, 64: 2.1-2.4x). So on
-CPUs the packed kernels serve at most `PACKED_MAX_ROWS` rows; a larger batch runs the target's
-own linear, and the gate sees a drafter that costs what the target costs there.
+0.32x the bf16 target's time at 1 row, 0.35x at 2, 0.49x at 4, 0.76x at 8 (int8pack: 0.53, 0.61,
+0.60, 1.11), but both GEMV-style kernels lose from about 8 rows up (16: 1.1-1.5x, 64: 1.7-2.0x).
+FBGEMM's int8 GEMM (activations quantized per call, VNNI on these CPUs) holds 0.66-0.75x from 4
+to 64 rows. So on CPUs each packed kernel serves the rows where it wins (`PACKED_MAX_ROWS`) and
+larger batches run FBGEMM over the same int8 weights; the drafter is cheaper than the target at
+every batch size.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from ..models.decoder import Decoder, Linear
 
 
-PACKED_MAX_ROWS = 8  # beyond this, int8pack/int4pack are slower than the target's bf16 linear (measured above)
+PACKED_MAX_ROWS = {"int8pack": 4, "int4pack": 8}  # beyond this, FBGEMM is faster (measured above)
 
 
 def pick_kernel(device: torch.device, bits: int = 8) -> str:
@@ -73,11 +75,14 @@ class QuantLinear(nn.Module):
             return
         q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
         scale = q.scale.reshape(-1).float()
-        if self.kernel == "fbgemm":
+        self.wide = None  # the packed CPU kernels' FBGEMM copy for batches beyond their range
+        if self.kernel == "fbgemm" or (self.kernel in PACKED_MAX_ROWS and "fbgemm" in torch.backends.quantized.supported_engines):
             qt = torch._make_per_channel_quantized_tensor(
                 q.qdata.contiguous(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
             )
-            self.weight = torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
+            self.wide = torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
+        if self.kernel == "fbgemm":
+            self.weight = self.wide
         elif self.kernel == "int8pack":
             self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
         elif self.kernel == "int4":
@@ -96,13 +101,11 @@ class QuantLinear(nn.Module):
         if self.kernel == "none":
             return F.linear(x, self.weight, self.bias)
         if self.kernel == "fbgemm":
-            lead = x.shape[:-1]
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self.weight, True)
-            return y.view(*lead, y.shape[-1]).to(x.dtype)
-        if self.kernel in ("int8pack", "int4pack"):
+            return _fbgemm_linear(x, self.weight)
+        if self.kernel in PACKED_MAX_ROWS:
             lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
-            if rows.shape[0] > PACKED_MAX_ROWS:
-                return self._source[0](x)
+            if rows.shape[0] > PACKED_MAX_ROWS[self.kernel]:
+                return self._source[0](x) if self.wide is None else _fbgemm_linear(x, self.wide)
             if self.kernel == "int8pack":
                 y = torch._weight_int8pack_mm(rows.contiguous(), *self.weight)
             else:
@@ -113,6 +116,12 @@ class QuantLinear(nn.Module):
         if self.kernel == "int4":
             return F.linear(x.bfloat16(), self.weight, None if self.bias is None else self.bias.bfloat16()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
+
+
+def _fbgemm_linear(x: Tensor, packed) -> Tensor:
+    lead = x.shape[:-1]
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), packed, True)
+    return y.view(*lead, y.shape[-1]).to(x.dtype)
 
 
 def _share_structure(module: nn.Module) -> nn.Module:
