@@ -2,13 +2,16 @@
 
 For the chosen speculation mode, then `plain` as the baseline, a fresh fleet is started
 (embedded Redis, the policy server, N engine processes) and RL-shaped work runs through it: a
-producer enqueues a built-in prompt set with n samples each (temperature 1, natural lengths, so
-every round has a tail); when a round's results are in, a trainer stand-in nudges the weights
-and publishes them as the next version, and the next round asks for that version
-(`min_policy_version`): engines load it between waves. The baseline replays the same work:
-the same prompts and seeds, each sample generating exactly as many tokens as it did in the
-first run (`ignore_eos`), so both runs have the same tail and the speed-up is not a lottery of
-sampled lengths. The summary compares the runs (throughput, latency, versions served,
+producer enqueues a built-in prompt set with n samples each at temperature 1; when a round's
+results are in, a trainer stand-in nudges the weights and publishes them as the next version,
+and the next round asks for that version (`min_policy_version`): engines load it between waves.
+
+Response lengths follow the shape RL rollouts have (published traces: most responses short, a
+few very long ones taking most of the step's time): per round, lengths are log-normal around 48
+tokens and two samples run to --max-new-tokens (`workloads.long_tail_lengths`). Each sample is
+fixed to its length (`ignore_eos`) and both runs generate exactly the same lengths from the same
+prompts and seeds, so they have the same tail and the speed-up is not a lottery of sampled
+lengths. The summary compares the runs (throughput, latency, versions served,
 acceptance, fraction of steps speculated) and a timeline PNG shows batch size, draft length
 and step time over both.
 """
@@ -32,6 +35,7 @@ from tqdm import tqdm
 from ..protocol import ChatMessage, RolloutRequest, SamplingParams, WaveTrace
 from .client import RolloutClient
 from .fleet import Fleet
+from .workloads import long_tail_lengths
 
 PROMPTS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain in one sentence why the sky is blue.",
@@ -47,7 +51,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=8, help=f"prompts per round (up to {len(PROMPTS)})")
     p.add_argument("-n", type=int, default=4, help="samples per prompt")
     p.add_argument("--rounds", type=int, default=2, help="rollout rounds; a new policy version is published after each")
-    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="the tail's length (two samples per round)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculation", default="adaptive", help="the mode to show; compared against plain")
@@ -60,13 +64,14 @@ def run_demo(a: argparse.Namespace) -> dict:
     if not 1 <= a.prompts <= len(PROMPTS):
         raise SystemExit(f"--prompts must be in 1..{len(PROMPTS)}")
     modes = [a.speculation] + ([] if a.no_baseline or a.speculation == "plain" else ["plain"])
-    phases, replay = {}, None
+    lengths = {(rnd, k // a.n, k % a.n): length for rnd in range(a.rounds)
+               for k, length in enumerate(long_tail_lengths(a.prompts * a.n, a.max_new_tokens, a.seed * 1000 + rnd))}
+    print(f"RL-shaped lengths per round: median {statistics.median(lengths.values()):.0f} tokens, "
+          f"2 of {a.prompts * a.n} samples at {a.max_new_tokens}", flush=True)
+    phases = {}
     for mode in modes:
-        print(f"\n== {mode}: starting a fleet of {a.engines} engine(s)" + (" (replaying the same lengths)" if replay else "")
-              + " ==", flush=True)
-        phases[mode] = _phase(mode, a, replay)
-        lengths = phases[mode].pop("lengths")
-        replay = replay or lengths
+        print(f"\n== {mode}: starting a fleet of {a.engines} engine(s) ==", flush=True)
+        phases[mode] = _phase(mode, a, lengths)
         _print_phase(mode, phases[mode])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,14 +92,14 @@ def run_demo(a: argparse.Namespace) -> dict:
     return summary
 
 
-def _phase(mode: str, a: argparse.Namespace, replay: dict | None) -> dict:
+def _phase(mode: str, a: argparse.Namespace, lengths: dict) -> dict:
     engine_args = ["--model", a.model, "--speculation", mode, "--max-seq-len", str(a.max_new_tokens + 256),
-                   "--wave-size", "64"]  # requests; the replay sends each sample as its own request
+                   "--wave-size", "64"]  # requests; each sample is its own request
     with tempfile.TemporaryDirectory(prefix="efficientrollout-demo.") as workdir:
         t0 = time.perf_counter()
         with Fleet(a.engines, workdir=workdir, engine_args=engine_args) as fleet:
             print(f"fleet up in {time.perf_counter() - t0:.1f}s: redis {fleet.redis_url}, policy server {fleet.policy_url}", flush=True)
-            report = anyio.run(_produce, fleet, a, replay)
+            report = anyio.run(_produce, fleet, a, lengths)
             report["waves"] = waves = _traces(fleet)
     steps = [s for w in waves for s in w.steps]
     drafted = sum(s.drafted for s in steps)
@@ -104,22 +109,17 @@ def _phase(mode: str, a: argparse.Namespace, replay: dict | None) -> dict:
     return report
 
 
-def _requests(a: argparse.Namespace, rnd: int, version: int, replay: dict | None) -> list[RolloutRequest]:
-    def request(rid: str, i: int, n: int, **sampling) -> RolloutRequest:
-        return RolloutRequest(id=rid, messages=[ChatMessage("user", PROMPTS[i])], min_policy_version=version,
-                              sampling=SamplingParams(n=n, temperature=a.temperature, **sampling))
-
-    def seed(i: int) -> int:
-        return a.seed * 1_000_003 + rnd * 1000 + i
-
-    if replay is None:
-        return [request(f"round{rnd}-prompt{i}", i, a.n, max_new_tokens=a.max_new_tokens, seed=seed(i)) for i in range(a.prompts)]
-    # each replayed sample is its own request with its own seed: only its length must match
-    return [request(f"round{rnd}-prompt{i}-sample{j}", i, 1, max_new_tokens=replay[(rnd, i, j)], ignore_eos=True,
-                    seed=seed(i) * 64 + j) for i in range(a.prompts) for j in range(a.n)]
+def _requests(a: argparse.Namespace, rnd: int, version: int, lengths: dict) -> list[RolloutRequest]:
+    """Each sample is its own request with its own seed and length (`lengths[(round, prompt, sample)]`)."""
+    return [
+        RolloutRequest(id=f"round{rnd}-prompt{i}-sample{j}", messages=[ChatMessage("user", PROMPTS[i])], min_policy_version=version,
+                       sampling=SamplingParams(temperature=a.temperature, max_new_tokens=lengths[(rnd, i, j)], ignore_eos=True,
+                                               seed=(a.seed * 1_000_003 + rnd * 1000 + i) * 64 + j))
+        for i in range(a.prompts) for j in range(a.n)
+    ]
 
 
-async def _produce(fleet: Fleet, a: argparse.Namespace, replay: dict | None) -> dict:
+async def _produce(fleet: Fleet, a: argparse.Namespace, lengths: dict) -> dict:
     """The producer and the trainer stand-in: rounds of rollouts, a new version after each."""
     from ..policies import PolicyPublisher
 
@@ -130,7 +130,7 @@ async def _produce(fleet: Fleet, a: argparse.Namespace, replay: dict | None) -> 
     async with RolloutClient(fleet.redis_url) as client:
         with tqdm(total=total, desc="samples", unit="sample") as bar:
             for rnd in range(a.rounds):
-                requests = _requests(a, rnd, version, replay)
+                requests = _requests(a, rnd, version, lengths)
                 submitted = dict.fromkeys((r.id for r in requests), time.perf_counter())
                 await client.submit_many(requests)
                 left = {r.id: r.sampling.n for r in requests}
@@ -153,16 +153,12 @@ async def _produce(fleet: Fleet, a: argparse.Namespace, replay: dict | None) -> 
     versions: dict[str, int] = {}
     for r in ok:
         versions[str(r.policy_version)] = versions.get(str(r.policy_version), 0) + 1
-    stale, lengths = 0, {}
-    for r in ok:
-        rnd, prompt = map(int, re.match(r"round(\d+)-prompt(\d+)", r.request_id).groups())
-        stale += r.policy_version < rnd  # round r asks for version r
-        lengths[(rnd, prompt, r.sample_index)] = len(r.output_token_ids)
+    stale = sum(r.policy_version < int(re.match(r"round(\d+)-", r.request_id).group(1)) for r in ok)  # round r asks for version r
     return {"samples": len(results), "errors": len(results) - len(ok), "tokens": tokens, "rollout_s": round(rollout_s, 2),
             "tokens_per_s": round(tokens / rollout_s, 1), "latency_p50_s": round(statistics.median(latencies), 2),
             "latency_p95_s": round(sorted(latencies)[int(0.95 * (len(latencies) - 1))], 2),
             "versions_served": versions, "samples_older_than_requested": stale, "publish_s": [round(s, 2) for s in publish_s],
-            "mean_output_tokens": round(tokens / max(len(ok), 1), 1), "lengths": lengths}
+            "mean_output_tokens": round(tokens / max(len(ok), 1), 1)}
 
 
 def _nudged_weights(model: str, step: int) -> dict:

@@ -21,7 +21,7 @@ PROMPTS = [
 def long_tail_lengths(n: int, max_len: int, seed: int) -> list[int]:
     rng = np.random.default_rng(seed)
     lengths = np.exp(rng.normal(np.log(48), 0.9, n))
-    lengths[rng.choice(n, 2, replace=False)] = max_len  # the tail that decides when the wave ends
+    lengths[rng.choice(n, min(2, n), replace=False)] = max_len  # the tail that decides when the wave ends
     return [int(x) for x in np.clip(lengths, 8, max_len)]
 
 
