@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,13 +66,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="waves per mode, interleaved; the fastest counts")
     ap.add_argument("--sweep-batches", default="1,2,4,8,16,32,64")
-    ap.add_argument("--sweep-tokens", type=int, default=24)
+    ap.add_argument("--sweep-tokens", type=int, default=32)
+    ap.add_argument("--sweep-repeats", type=int, default=3, help="interleaved repeats per batch size; medians count")
     ap.add_argument("--sweep-k", type=int, default=8)
     ap.add_argument("--png", default="out/rollout_timeline.png")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--drafter", default="int8", choices=["int8", "int4"])
     a = ap.parse_args()
     torch.set_grad_enabled(False)
+    Path(a.png).parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=64, max_seq_len=a.max_len + 128,
@@ -110,19 +113,24 @@ def main() -> None:
     batches = [int(b) for b in a.sweep_batches.split(",")]
     variants = [("plain", dict(mode="plain"))] + [(f"k{k}", dict(mode="always", k=k)) for k in range(1, a.sweep_k + 1)]
     variants.append(("adaptive", dict(mode="adaptive", k_max=a.sweep_k)))
-    with tqdm(total=len(batches) * len(variants), desc="steady-state sweep") as bar:
+    with tqdm(total=len(batches) * len(variants) * a.sweep_repeats, desc="steady-state sweep") as bar:
         for b in batches:
-            row = {"batch": b}
-            for name, spec in variants:
-                use_mode(engine, None, **spec)
-                if name == "adaptive":
-                    steady_throughput(engine, b, a.sweep_tokens)
-                row[name] = round(steady_throughput(engine, b, a.sweep_tokens), 1)
-                bar.update()
+            runs: dict[str, list[float]] = {name: [] for name, _ in variants}
+            for _ in range(a.sweep_repeats):
+                for name, spec in variants:
+                    use_mode(engine, None, **spec)
+                    if name == "adaptive":
+                        steady_throughput(engine, b, a.sweep_tokens)
+                    runs[name].append(steady_throughput(engine, b, a.sweep_tokens))
+                    bar.update()
+            row = {"batch": b} | {name: round(float(np.median(v)), 1) for name, v in runs.items()}
             fixed = {k: v for k, v in row.items() if k not in ("batch", "adaptive")}
             best = max(fixed, key=fixed.get)
             row["best_fixed"] = best
             row["adaptive_vs_best"] = round(row["adaptive"] / fixed[best], 3)
+            # the spread of adaptive/best over the repeats (each repeat's ratio), to tell regret from noise
+            repeat_ratios = [x / y for x, y in zip(runs["adaptive"], runs[best])]
+            row["adaptive_vs_best_range"] = [round(min(repeat_ratios), 3), round(max(repeat_ratios), 3)]
             sweep.append(row)
             tqdm.write(json.dumps(row))
 
@@ -132,7 +140,7 @@ def main() -> None:
         "engine_init_s": round(init_s, 2), "requantize_s": round(requant_s, 3), "draft_to_target_step_cost": ratios,
         "wave": {m: {k: v for k, v in w.items() if k != "trace"} for m, w in waves.items()},
         "adaptive_vs_toggle_ladder": round(waves["toggle-ladder"]["wall_s"] / waves["adaptive"]["wall_s"], 3),
-        "sweep_tok_s": sweep, "timeline_png": a.png,
+        "sweep_tok_s": sweep, "worst_adaptive_vs_best": min(r["adaptive_vs_best"] for r in sweep), "timeline_png": a.png,
     }
     print(json.dumps(summary))
 

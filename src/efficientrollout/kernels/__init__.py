@@ -1,6 +1,6 @@
 """Our C++ CPU kernels, compiled on first use for the machine they run on.
 
-Only what ATen does badly at decode shapes lives here (see decode_cpu.cpp). The build takes
+Only what ATen does badly at decode shapes lives here (see the .cpp files). The build takes
 ~15 s once per machine (cached under ~/.cache/efficientrollout, keyed by the source, torch
 version and CPU); without a C++ compiler, or with EFFICIENTROLLOUT_CPU_KERNELS=0, callers use
 the plain PyTorch ops instead, which give the same results up to rounding.
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("decode_cpu.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_cpu.cpp", "gemv_cpu.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -36,14 +36,14 @@ def cpu_ops():
         return None
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()[:12]
     name = f"efficientrollout_cpu_{digest}_{_cpu_tag()}"
     build = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "efficientrollout" / "kernels" / name
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
         log.info("compiling the CPU decode kernels for this machine (once, ~15 s)")
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build), is_python_module=False,
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build), is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the PyTorch ops still work
         log.warning("CPU decode kernels unavailable (%s: %s); using PyTorch's ops", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
