@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efficientrollout.models.decoder import Linear
+from efficientrollout.models.decoder import GEMV_MAX_ROWS, Linear
 from efficientrollout.speculation.drafter import PACKED_MAX_ROWS, Drafter, QuantLinear, pick_kernel
 
 AVX512 = torch.cpu._is_avx512_supported()
@@ -38,7 +38,7 @@ def test_packed_kernels_hand_large_batches_to_fbgemm_over_the_same_int8_weights(
     target = Linear(128, 48, bias=False).to(torch.bfloat16)
     target.pack()
     q = QuantLinear(target, kernel, group_size=64)
-    n = PACKED_MAX_ROWS[kernel]
+    n = GEMV_MAX_ROWS if q.gemv is not None else PACKED_MAX_ROWS[kernel]  # our int8 kernel, else the packed one
     x = torch.randn(n + 1, 128, dtype=torch.bfloat16)
     fbgemm = QuantLinear(target, "fbgemm")
     if "fbgemm" in torch.backends.quantized.supported_engines:

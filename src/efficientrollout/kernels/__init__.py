@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_cpu.cpp", "gemv_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "gemv_cpu.cpp", "layer_cpu.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -43,7 +43,7 @@ def cpu_ops():
     if not any(build.glob("*.so")):
         log.info("compiling the CPU decode kernels for this machine (once, ~15 s)")
     try:
-        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build), is_python_module=False,
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], build_directory=str(build), is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the PyTorch ops still work
         log.warning("CPU decode kernels unavailable (%s: %s); using PyTorch's ops", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")

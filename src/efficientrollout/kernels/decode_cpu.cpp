@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -156,6 +158,10 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   });
 }
 
+}  // namespace
+
+namespace efficientrollout {
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& positions, int64_t kv_len) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q [b,T,H,D], k/v [slots,S,Hkv,D]");
@@ -170,6 +176,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                                   [&] { attention_kernel<scalar_t>(q, k, v, p, kv_len, out); });
   return out;
 }
+
+}  // namespace efficientrollout
+
+namespace {
 
 // RMSNorm in the reference op order for low precision (HF Llama): normalise in fp32, round to
 // the input dtype, then multiply by the weight and round again. One kernel instead of eight ops.
@@ -192,6 +202,10 @@ void rms_norm_kernel(const at::Tensor& x, const at::Tensor& w, double eps, at::T
   });
 }
 
+}  // namespace
+
+namespace efficientrollout {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.scalar_type() == w.scalar_type() && w.dim() == 1 && x.size(-1) == w.size(0), "x [..., n], w [n]");
   auto xc = x.contiguous();
@@ -201,6 +215,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
                                   [&] { rms_norm_kernel<scalar_t>(xc, wc, eps, out); });
   return out;
 }
+
+}  // namespace efficientrollout
+
+namespace {
 
 // RoPE ("rotate half") on q and k, and the K/V write into the cache, in one pass over qkv.
 // Rounds like the op sequence it replaces: round(x*cos) + round(swapped*sin_signed), rounded.
@@ -239,6 +257,10 @@ void rope_kernel(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor&
   });
 }
 
+}  // namespace
+
+namespace efficientrollout {
+
 at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
                           at::Tensor v_cache, const at::Tensor& rows, const at::Tensor& positions, int64_t num_heads) {
   // qkv [b, T, H + 2 Hkv, D]; cos/sin [b, T, D]; caches [slots, S, Hkv, D]; rows [b]; positions [b, T] → q [b, T, H, D]
@@ -255,7 +277,7 @@ at::Tensor rope_and_cache(const at::Tensor& qkv, const at::Tensor& cos, const at
   return q;
 }
 
-}  // namespace
+}  // namespace efficientrollout
 
 TORCH_LIBRARY(efficientrollout, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor positions, int kv_len) -> Tensor");
@@ -264,7 +286,7 @@ TORCH_LIBRARY(efficientrollout, m) {
 }
 
 TORCH_LIBRARY_IMPL(efficientrollout, CPU, m) {
-  m.impl("decode_attention", &decode_attention);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rope_and_cache", &rope_and_cache);
+  m.impl("decode_attention", &efficientrollout::decode_attention);
+  m.impl("rms_norm", &efficientrollout::rms_norm);
+  m.impl("rope_and_cache", &efficientrollout::rope_and_cache);
 }

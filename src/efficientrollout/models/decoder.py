@@ -58,25 +58,46 @@ class Linear(nn.Linear):
 
     Measured on a 2-core AVX2 CPU (fp32, all 120 layer linears of SmolLM2): prepacked oneDNN
     is 1.3x faster than torch's default GEMM at 1 row, 2.3x at 4, 1.4x at 16 and 64. The
-    packed copy is derived state: `pack()` again after the weights change."""
+    packed copy is derived state: `pack()` again after the weights change.
+
+    On AVX512-BF16 CPUs, 1-8 rows of a layer-sized bf16 linear run our weight-streaming kernel
+    (kernels/gemv_cpu.cpp) instead: all 120 layer linears of SmolLM2 take 0.81x oneDNN's time
+    at 1 row, 0.84x at 2, 0.92x at 4, 0.75x at 8 (2 cores). oneDNN keeps large weights (the LM
+    head, where it streams at ~80 GB/s) and larger batches."""
 
     packed: Tensor | None = None
+    gemv = None  # our bf16 kernel namespace where it serves this linear
 
     def pack(self) -> None:
         w = self.weight
-        self.packed = None
+        self.packed = self.gemv = None
         if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
             except RuntimeError:  # e.g. bf16 on a CPU without AVX512: keep the default GEMM
                 pass
+        kernels = cpu_ops() if w.device.type == "cpu" and w.dtype == torch.bfloat16 else None
+        if kernels is not None and kernels.bf16_gemv_available() and w.shape[1] % 32 == 0 and w.numel() <= GEMV_MAX_WEIGHT:
+            self.gemv = kernels
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.gemv is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+            y = self.gemv.bf16_gemv(x2, self.weight, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*lead, y.shape[-1])
+
+    def gemv_weights(self) -> list[Tensor] | None:
+        """The weights as `decode_layer` takes them, where our kernel serves this linear."""
+        return None if self.gemv is None else [self.weight]
+
+
+GEMV_MAX_ROWS = 8
+GEMV_MAX_WEIGHT = 4 << 20  # elements: every layer linear of small models, not a 49k-token LM head
 
 
 class KVCache(nn.Module):
@@ -183,6 +204,7 @@ class Decoder(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        self._fused: list[tuple] | None = None  # see fused_layers()
         self.register_buffer("cos", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
         self._init_rope(inv_freq, rope_scale, max_seq_len)
@@ -212,6 +234,8 @@ class Decoder(nn.Module):
         rows=None, kv_len=n: decode/verify for cache slots 0..b-1 attending positions < n.
         rows=slots, kv_len=None: prefill of prompts (starting at position 0) into those slots.
         """
+        if kv_len is not None and tokens.numel() <= GEMV_MAX_ROWS and (layers := self.fused_layers()) is not None:
+            return self._forward_fused(tokens, positions, cache, kv_len, layers)
         ctx = StepContext(positions, rows, kv_len, None if kv_len is None else self.decode_kernels(tokens))
         x = self.embed(tokens)
         cos = self.cos[positions].to(x.dtype)[:, :, None]
@@ -219,6 +243,42 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, ctx, cache.k[i], cache.v[i])
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def _forward_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int, layers: list[tuple]) -> Tensor:
+        """A few rows of decode/verify with each layer one C++ call (kernels/layer_cpu.cpp):
+        the same kernels as the layer code above, without the interpreter between them."""
+        cfg, kernels = self.cfg, cpu_ops()
+        b, T = tokens.shape
+        x = self.embed(tokens).view(b * T, cfg.hidden_size)
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)  # [b, T, D]
+        rows = torch.arange(b)
+        for i, (input_norm, post_norm, qkv, qkv_bias, o, gate_up, down) in enumerate(layers):
+            x = kernels.decode_layer(x, input_norm, post_norm, cfg.rms_norm_eps, qkv, qkv_bias, o, gate_up, down,
+                                     cos, sin, cache.k[i], cache.v[i], rows, positions, kv_len, cfg.num_heads)
+        return rms_norm(x.view(b, T, cfg.hidden_size), self.norm, cfg.rms_norm_eps)
+
+    def fused_layers(self) -> list[tuple] | None:
+        """Per-layer arguments of `decode_layer`, or None where a layer cannot run there (fp32,
+        no kernels, QK-norm models, a linear our kernels do not serve). Derived state: call
+        `invalidate_fused()` when linears or their weights' tensors change."""
+        if self._fused is None:
+            self._fused = self._build_fused() or []
+        return self._fused or None
+
+    def invalidate_fused(self) -> None:
+        self._fused = None
+
+    def _build_fused(self) -> list[tuple] | None:
+        if self.cfg.qk_norm or self.norm.device.type != "cpu" or self.norm.dtype != torch.bfloat16 or cpu_ops() is None:
+            return None
+        layers = []
+        for layer in self.layers:
+            linears = [getattr(layer, name).gemv_weights() for name in ("qkv", "o", "gate_up", "down")]
+            if any(w is None for w in linears):
+                return None
+            qkv, o, gate_up, down = linears
+            layers.append((layer.input_norm, layer.post_norm, qkv, layer.qkv.bias, o, gate_up, down))
+        return layers
 
     def decode_kernels(self, tokens: Tensor):
         """Our CPU attention kernel where it wins: bf16/fp16 decode and verify on CPUs, 3-7x
@@ -233,6 +293,7 @@ class Decoder(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack()
+        self.invalidate_fused()
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()

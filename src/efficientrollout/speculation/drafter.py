@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.decoder import Decoder, Linear
+from ..kernels import cpu_ops
+from ..models.decoder import GEMV_MAX_ROWS, Decoder, Linear
 
 
 PACKED_MAX_ROWS = {"int8pack": 4, "int4pack": 8}  # beyond this, FBGEMM is faster (measured above)
@@ -69,6 +70,7 @@ class QuantLinear(nn.Module):
 
         src = self._source[0]
         w, bias = src.weight.detach(), None if src.bias is None else src.bias.detach()
+        self.gemv = None  # (our kernels, [int8 weight, fp32 scale]) where our int8 kernel serves
         self.bias = bias
         if self.kernel == "none":
             self.weight = w
@@ -85,6 +87,8 @@ class QuantLinear(nn.Module):
             self.weight = self.wide
         elif self.kernel == "int8pack":
             self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
+            if w.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and (kernels := cpu_ops()) is not None and kernels.bf16_gemv_available():
+                self.gemv = (kernels, [self.weight[0], scale.contiguous()])
         elif self.kernel == "int4":
             from torchao.quantization import Int4TilePackedTo4dTensor
 
@@ -104,6 +108,9 @@ class QuantLinear(nn.Module):
             return _fbgemm_linear(x, self.weight)
         if self.kernel in PACKED_MAX_ROWS:
             lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
+            if self.gemv is not None and rows.shape[0] <= GEMV_MAX_ROWS:
+                kernels, (q, scale) = self.gemv
+                return kernels.int8_gemv(rows, q, scale, self.bias).view(*lead, -1)
             if rows.shape[0] > PACKED_MAX_ROWS[self.kernel]:
                 return self._source[0](x) if self.wide is None else _fbgemm_linear(x, self.wide)
             if self.kernel == "int8pack":
@@ -116,6 +123,11 @@ class QuantLinear(nn.Module):
         if self.kernel == "int4":
             return F.linear(x.bfloat16(), self.weight, None if self.bias is None else self.bias.bfloat16()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
+
+
+    def gemv_weights(self) -> list[Tensor] | None:
+        """The weights as `decode_layer` takes them, where our int8 kernel serves this linear."""
+        return None if self.gemv is None else self.gemv[1]
 
 
 def _fbgemm_linear(x: Tensor, packed) -> Tensor:
@@ -146,6 +158,7 @@ class Drafter:
                     q = QuantLinear(child, self.kernel, group_size)
                     parent._modules[name] = q
                     self.linears.append(q)
+        self.decoder.invalidate_fused()  # the copy must not reuse the target's fused layers
         self.requantize_s = 0.0
 
     def requantize(self) -> float:
@@ -153,5 +166,6 @@ class Drafter:
         t0 = time.perf_counter()
         for q in self.linears:
             q.requantize()
+        self.decoder.invalidate_fused()
         self.requantize_s = time.perf_counter() - t0
         return self.requantize_s
