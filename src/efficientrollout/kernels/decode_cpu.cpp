@@ -20,25 +20,6 @@ namespace {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
-// e^x for x <= 0 (softmax after subtracting the max), vectorizable: 2^n * p(r), r = x - n ln2,
-// |r| <= ln2/2, degree-6 Taylor polynomial; relative error < 2e-7 (libm's expf is scalar here).
-#pragma omp declare simd
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 constexpr int64_t kBlock = 16;
 
@@ -116,7 +97,7 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < n; ++j) {
-          sr[j] = exp_nonpositive(sr[j] - mx);
+          sr[j] = efficientrollout::exp_nonpositive(sr[j] - mx);
           sum += sr[j];
         }
         for (int64_t j = std::max<int64_t>(n, 0); j < s1 - s0; ++j) sr[j] = 0.f;
