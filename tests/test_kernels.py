@@ -99,7 +99,7 @@ def test_bf16_decode_with_kernels_matches_the_torch_path(tiny_dir, monkeypatch):
 @pytest.mark.skipif(OPS is None or not OPS.bf16_gemv_available(), reason="the fused layer needs AVX512-BF16")
 def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir):
     """decode_layer (one C++ call per layer) runs the same kernels as the Python layer code:
-    the same bits, for the bf16 target and its int8 drafter, at decode and verify shapes."""
+    the same bits, for the bf16 target and its int8 and int4 drafters, at decode and verify shapes."""
     from efficientrollout.engines.native.runner import ModelRunner
     from efficientrollout.models import load_model
     from efficientrollout.speculation import Drafter
@@ -107,12 +107,13 @@ def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir):
     loaded = load_model(tiny_dir, torch.bfloat16, torch.device("cpu"), max_seq_len=128)
     runner = ModelRunner(loaded.decoder, max_batch_size=3, max_seq_len=128)
     drafter = Drafter(loaded.decoder, kernel="int8pack")
+    drafter4 = Drafter(loaded.decoder, kernel="int4pack", group_size=32)
     runner.prefill([[5, 17, 300, 42, 9], [8, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]], slots=[0, 1, 2])
-    assert loaded.decoder.fused_layers() is not None and drafter.decoder.fused_layers() is not None
+    assert all(d.fused_layers() is not None for d in (loaded.decoder, drafter.decoder, drafter4.decoder))
     assert drafter.decoder.fused_layers()[0][2] is not loaded.decoder.fused_layers()[0][2]  # its own int8 weights
     for tokens, positions in ((torch.tensor([[11], [21], [31]]), torch.tensor([[5], [3], [8]])),
                               (torch.tensor([[11, 12], [21, 22], [31, 32]]), torch.tensor([[5, 6], [3, 4], [8, 9]]))):
-        for decoder in (loaded.decoder, drafter.decoder):
+        for decoder in (loaded.decoder, drafter.decoder, drafter4.decoder):
             fused = runner.forward(tokens, positions, kv_len=10, decoder=decoder)
             decoder._fused = []  # "no fused layers": the module path
             slow = runner.forward(tokens, positions, kv_len=10, decoder=decoder)

@@ -3,7 +3,8 @@
 // At these shapes the time between weight reads is Python: ~25 torch calls and 5 module calls
 // per layer cost ~90 us of interpreter time on our 2-core CPU, a quarter of the batch-1 step.
 // Here the layer is the same sequence of kernels, called from C++. A linear is given as a
-// list: [w] (bf16 weight, bf16_gemv) or [q, scale] (int8 weight, fp32 scale per row, int8_gemv).
+// list: [w] (bf16 weight, bf16_gemv), [q, scale] (int8 weight, fp32 scale per row, int8_gemv)
+// or [packed, scales_and_zeros, group_size] (ATen's CPU int4 layout, _weight_int4pack_mm_for_cpu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -15,8 +16,9 @@ namespace {
 
 at::Tensor linear(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
   if (w.size() == 1) return efficientrollout::bf16_gemv(x, w[0], bias);
-  TORCH_CHECK(w.size() == 2, "a linear is [bf16 weight] or [int8 weight, fp32 scale]");
-  return efficientrollout::int8_gemv(x, w[0], w[1], bias);
+  if (w.size() == 2) return efficientrollout::int8_gemv(x, w[0], w[1], bias);
+  TORCH_CHECK(w.size() == 3 && !bias.has_value(), "a linear is [bf16 w], [int8 q, scale] or [int4 packed, scales_and_zeros, group_size]");
+  return at::_weight_int4pack_mm_for_cpu(x, w[0], w[2].item<int64_t>(), w[1]);
 }
 
 // silu(gate) * up over [n, 2I] → [n, I], rounding like the two bf16 ops it replaces

@@ -98,6 +98,8 @@ class QuantLinear(nn.Module):
 
             qdata, scales_and_zeros = groupwise_affine_quantize_tensor(w.bfloat16(), 4, self.group_size, torch.bfloat16)
             self.weight = (torch._convert_weight_to_int4pack_for_cpu(qdata, 1), scales_and_zeros)
+            if w.dtype == torch.bfloat16 and bias is None and (kernels := cpu_ops()) is not None and kernels.bf16_gemv_available():
+                self.gemv = (None, [*self.weight, torch.tensor(self.group_size)])  # decode_layer only
         else:
             self.weight = Int8Tensor.from_hp(w, granularity=PerRow())
 
@@ -108,7 +110,7 @@ class QuantLinear(nn.Module):
             return _fbgemm_linear(x, self.weight)
         if self.kernel in PACKED_MAX_ROWS:
             lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
-            if self.gemv is not None and rows.shape[0] <= GEMV_MAX_ROWS:
+            if self.kernel == "int8pack" and self.gemv is not None and rows.shape[0] <= GEMV_MAX_ROWS:
                 kernels, (q, scale) = self.gemv
                 return kernels.int8_gemv(rows, q, scale, self.bias).view(*lead, -1)
             if rows.shape[0] > PACKED_MAX_ROWS[self.kernel]:
