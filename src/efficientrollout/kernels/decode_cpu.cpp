@@ -27,11 +27,15 @@ template <typename scalar_t>
 void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& positions, int64_t kv_len, at::Tensor& out) {
   // q [b, T, H, D] (any strides, unit last), k/v [slots, S, Hkv, D] (unit last), positions [b, T].
-  // Work unit: one row's keys in one chunk (split-K, so a lone long row still uses every core);
-  // each key row [Hkv, D] is read once, contiguously, for all H*T queries of that row. Each
-  // unit leaves an unnormalised partial (max, sum, acc); a second pass merges the chunks.
+  // Work unit: one chunk of one row's keys (split-K, so a lone row still uses every core) for
+  // `hpu` of its kv heads and the g*T queries sharing each (GQA). Few rows: one kv head per
+  // unit, for parallelism; many rows: all heads, so each unit streams whole key rows (reading
+  // a third of each row's cache lines, as per-head units do, wastes the prefetcher's work).
+  // Each unit leaves an unnormalised partial (max, sum, acc) per query; a second pass merges.
   const int64_t b = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
-  const int64_t g = H / Hkv, Q = H * T;
+  const int64_t threads = at::get_num_threads();
+  const int64_t g = H / Hkv, hpu = b >= 2 * threads ? Hkv : 1, groups = Hkv / hpu;
+  const int64_t Q = hpu * g * T;  // queries per unit, indexed (hh * g + j) * T + t: head (hk0 + hh) * g + j
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
   const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -40,17 +44,17 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();  // [b, T, H, D] contiguous
 
-  const int64_t threads = at::get_num_threads();
   const int64_t max_chunks = (kv_len + 127) / 128;  // at least 128 keys per chunk
-  const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, (2 * threads + b - 1) / b));
+  const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, (2 * threads + b * groups - 1) / (b * groups)));
   const int64_t chunk = (kv_len + chunks - 1) / chunks;
-  std::vector<float> part_max(b * chunks * Q), part_sum(b * chunks * Q), part_acc(b * chunks * Q * D);
+  const int64_t units = b * groups * chunks;
+  std::vector<float> part_max(units * Q), part_sum(units * Q), part_acc(units * Q * D);
   auto visible = [&](int64_t bi, int64_t t) { return std::min(pos[bi * T + t], kv_len - 1) + 1; };
 
-  at::parallel_for(0, b * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(Q * D), kf(Hkv * D), kt(Hkv * D * kBlock), sc(Q * chunk);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Q * D), vf(hpu * D), kt(hpu * D * kBlock), sc(Q * chunk);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bi = unit / chunks, s0 = (unit % chunks) * chunk;
+      const int64_t bi = unit / (groups * chunks), hk0 = unit / chunks % groups * hpu, s0 = unit % chunks * chunk;
       int64_t s1 = 0;  // keys this unit reads: s0..s1-1
       for (int64_t t = 0; t < T; ++t) s1 = std::max(s1, visible(bi, t));
       s1 = std::min(s1, s0 + chunk);
@@ -63,24 +67,24 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         std::fill(psum, psum + Q, 0.f);
         continue;
       }
-      for (int64_t h = 0; h < H; ++h)
+      for (int64_t hj = 0; hj < hpu * g; ++hj)
         for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* src = qp + bi * qs[0] + t * qs[1] + h * qs[2];
-          float* dst = &qf[(h * T + t) * D];
+          const scalar_t* src = qp + bi * qs[0] + t * qs[1] + (hk0 * g + hj) * qs[2];
+          float* dst = &qf[(hj * T + t) * D];
           for (int64_t d = 0; d < D; ++d) dst[d] = to_f(src[d]) * scale;
         }
       for (int64_t sb = s0; sb < s1; sb += kBlock) {  // scores, kBlock keys at a time
         const int64_t nb = std::min(kBlock, s1 - sb);
-        // kt [Hkv, D, kBlock]: the block's keys transposed, so each query's kBlock dot
-        // products are kBlock-wide FMAs with no horizontal sums
+        // kt [hpu, D, kBlock]: the block's keys transposed, so each query's kBlock dot products
+        // are kBlock-wide FMAs with no horizontal sums
         for (int64_t i = 0; i < kBlock; ++i) {
           const scalar_t* ksrc = kp + bi * ks[0] + (sb + std::min(i, nb - 1)) * ks[1];
-          for (int64_t hk = 0; hk < Hkv; ++hk)
-            for (int64_t d = 0; d < D; ++d) kt[(hk * D + d) * kBlock + i] = to_f(ksrc[hk * ks[2] + d]);
+          for (int64_t hh = 0; hh < hpu; ++hh)
+            for (int64_t d = 0; d < D; ++d) kt[(hh * D + d) * kBlock + i] = to_f(ksrc[(hk0 + hh) * ks[2] + d]);
         }
         for (int64_t qi = 0; qi < Q; ++qi) {
           const float* qr = &qf[qi * D];
-          const float* kr = &kt[(qi / T / g) * D * kBlock];
+          const float* kr = &kt[qi / (g * T) * D * kBlock];
           float dots[kBlock] = {};
           for (int64_t d = 0; d < D; ++d) {
             const float qd = qr[d];
@@ -106,26 +110,28 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       }
       for (int64_t s = s0; s < s1; ++s) {
         const scalar_t* vsrc = vp + bi * vs[0] + s * vs[1];
-        for (int64_t hk = 0; hk < Hkv; ++hk)
-          for (int64_t d = 0; d < D; ++d) kf[hk * D + d] = to_f(vsrc[hk * vs[2] + d]);
+        for (int64_t hh = 0; hh < hpu; ++hh)
+          for (int64_t d = 0; d < D; ++d) vf[hh * D + d] = to_f(vsrc[(hk0 + hh) * vs[2] + d]);
         for (int64_t qi = 0; qi < Q; ++qi) {
           const float p = sc[qi * chunk + (s - s0)];
-          const float* vr = &kf[(qi / T / g) * D];
+          const float* vr = &vf[qi / (g * T) * D];
           float* ar = &pacc[qi * D];
+#pragma omp simd
           for (int64_t d = 0; d < D; ++d) ar[d] += p * vr[d];
         }
       }
     }
   });
-  at::parallel_for(0, b * Q, 16, [&](int64_t begin, int64_t end) {  // merge the chunks
+  at::parallel_for(0, b * H * T, 16, [&](int64_t begin, int64_t end) {  // merge the chunks
     std::vector<float> acc(D);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t bi = i / Q, qi = i % Q, h = qi / T, t = qi % T;
+      const int64_t bi = i / (H * T), h = i / T % H, t = i % T, qi = (h % (hpu * g)) * T + t;
+      const int64_t first = (bi * groups + h / (hpu * g)) * chunks;  // this query's units
       float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_max[(bi * chunks + c) * Q + qi]);
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_max[(first + c) * Q + qi]);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t u = (bi * chunks + c) * Q + qi;
+        const int64_t u = (first + c) * Q + qi;
         if (part_sum[u] == 0.f) continue;
         const float w = std::exp(part_max[u] - mx);
         sum += w * part_sum[u];
