@@ -39,53 +39,21 @@ bool bf16_gemv_available() {
 namespace {
 
 #if defined(__AVX512BF16__)
-// Output rows n0..n1-1 for M input rows. R weight rows at a time, so R*M accumulation chains are
-// independent (one chain per accumulator would wait on vdpbf16ps' latency, not on memory).
-template <int M>
-void gemv_rows(const uint16_t* xp, const uint16_t* wp, const float* bp, uint16_t* yp, int64_t K, int64_t N,
-               int64_t n0, int64_t n1) {
-  constexpr int R = M >= 8 ? 1 : M >= 4 ? 2 : M >= 2 ? 4 : 8;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    __m512 acc[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xp + m * K + k);
-      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(wp + (n + r) * K + k) + kPrefetch, _MM_HINT_T0);
-      for (int r = 0; r < R; ++r) {
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp + (n + r) * K + k);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m)
-        yp[m * N + n + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][m]) + (bp ? bp[n + r] : 0.f)).x;
-  }
-  for (; n < n1; ++n) {  // the block's last rows, one at a time
-    __m512 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp + n * K + k);
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(xp + m * K + k));
-    }
-    for (int m = 0; m < M; ++m) yp[m * N + n] = c10::BFloat16(_mm512_reduce_add_ps(acc[m]) + (bp ? bp[n] : 0.f)).x;
-  }
-}
-
-// 32 int8 weights → 32 bf16 (exact: |q| <= 127)
-inline __m512bh int8x32_to_bf16(const int8_t* p) {
+// 32 weights as bf16: bf16 as they are, int8 converted exactly (|q| <= 127)
+inline __m512bh load_weights(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh load_weights(const int8_t* p) {
   const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
   return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-// int8 weights with a scale per output row: y = scale * (x . q) + bias, like gemv_rows.
-template <int M>
-void int8_gemv_rows(const uint16_t* xp, const int8_t* qp, const float* sp, const float* bp, uint16_t* yp, int64_t K,
-                    int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = M >= 8 ? 1 : M >= 4 ? 2 : 4;
+// Output rows n0..n1-1 of y = (x . w) * scale + bias for M input rows (scale: int8 weights
+// only). R weight rows at a time, so R*M accumulation chains are independent: one chain per
+// accumulator would wait on vdpbf16ps' latency, not on memory.
+template <int M, typename W>
+void gemv_rows(const uint16_t* xp, const W* wp, const float* sp, const float* bp, uint16_t* yp, int64_t K, int64_t N,
+               int64_t n0, int64_t n1) {
+  constexpr int R = M >= 8 ? 1 : M >= 4 ? 2 : M >= 2 ? 4 : 8;
   for (int64_t n = n0; n < n1; n += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
     __m512 acc[R][M];
@@ -95,15 +63,35 @@ void int8_gemv_rows(const uint16_t* xp, const int8_t* qp, const float* sp, const
       __m512bh xv[M];
       for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xp + m * K + k);
       for (int r = 0; r < rows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(qp + (n + r) * K + k) + kPrefetch, _MM_HINT_T0);
-        const __m512bh wv = int8x32_to_bf16(qp + (n + r) * K + k);
+        _mm_prefetch(reinterpret_cast<const char*>(wp + (n + r) * K + k) + kPrefetch, _MM_HINT_T0);
+        const __m512bh wv = load_weights(wp + (n + r) * K + k);
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
       }
     }
     for (int r = 0; r < rows; ++r)
-      for (int m = 0; m < M; ++m)
-        yp[m * N + n + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[r][m]) * sp[n + r] + (bp ? bp[n + r] : 0.f)).x;
+      for (int m = 0; m < M; ++m) {
+        const float dot = _mm512_reduce_add_ps(acc[r][m]) * (sp ? sp[n + r] : 1.f);
+        yp[m * N + n + r] = c10::BFloat16(dot + (bp ? bp[n + r] : 0.f)).x;
+      }
   }
+}
+
+// y [M, N] for M = 1..8 rows, each thread a contiguous block of output rows (it streams its
+// slice of the weights once)
+template <typename W>
+void gemv(int64_t M, const uint16_t* xp, const W* wp, const float* sp, const float* bp, uint16_t* yp, int64_t K, int64_t N) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+      case 1: gemv_rows<1>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      case 2: gemv_rows<2>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      case 3: gemv_rows<3>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      case 4: gemv_rows<4>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      case 5: gemv_rows<5>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      case 6: gemv_rows<6>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      case 7: gemv_rows<7>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      default: gemv_rows<8>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+    }
+  });
 }
 #endif
 
@@ -128,19 +116,7 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w, const c10::option
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>());
   auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>());
-  // contiguous blocks of output rows per thread: each streams its slice of the weights once
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: gemv_rows<1>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 2: gemv_rows<2>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 3: gemv_rows<3>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 4: gemv_rows<4>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 5: gemv_rows<5>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 6: gemv_rows<6>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 7: gemv_rows<7>(xp, wp, bp, yp, K, N, n0, n1); break;
-      default: gemv_rows<8>(xp, wp, bp, yp, K, N, n0, n1); break;
-    }
-  });
+  gemv(M, xp, wp, nullptr, bp, yp, K, N);
 #endif
   return y;
 }
@@ -163,18 +139,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int8_t* qp = q.const_data_ptr<int8_t>();
   const float* sp = sc.const_data_ptr<float>();
   auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>());
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: int8_gemv_rows<1>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-      case 2: int8_gemv_rows<2>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-      case 3: int8_gemv_rows<3>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-      case 4: int8_gemv_rows<4>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-      case 5: int8_gemv_rows<5>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-      case 6: int8_gemv_rows<6>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-      case 7: int8_gemv_rows<7>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-      default: int8_gemv_rows<8>(xp, qp, sp, bp, yp, K, N, n0, n1); break;
-    }
-  });
+  gemv(M, xp, qp, sp, bp, yp, K, N);
 #endif
   return y;
 }
