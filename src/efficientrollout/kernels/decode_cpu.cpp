@@ -28,13 +28,16 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& positions, int64_t kv_len, at::Tensor& out) {
   // q [b, T, H, D] (any strides, unit last), k/v [slots, S, Hkv, D] (unit last), positions [b, T].
   // Work unit: one chunk of one row's keys (split-K, so a lone row still uses every core) for
-  // `hpu` of its kv heads and the g*T queries sharing each (GQA). Few rows: one kv head per
-  // unit, for parallelism; many rows: all heads, so each unit streams whole key rows (reading
-  // a third of each row's cache lines, as per-head units do, wastes the prefetcher's work).
+  // `hpu` of its kv heads and the g*T queries sharing each (GQA). Whole key rows (all heads)
+  // where rows and chunks give every core work: a unit reading one head's third of each key
+  // row wastes the prefetcher's work; one kv head per unit only for few rows of short context.
   // Each unit leaves an unnormalised partial (max, sum, acc) per query; a second pass merges.
   const int64_t b = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Hkv = k.size(2);
-  const int64_t threads = at::get_num_threads();
-  const int64_t g = H / Hkv, hpu = b >= 2 * threads ? Hkv : 1, groups = Hkv / hpu;
+  const int64_t threads = at::get_num_threads(), g = H / Hkv;
+  const int64_t max_chunks = (kv_len + 127) / 128;  // at least 128 keys per chunk
+  auto chunks_for = [&](int64_t rows) { return std::max<int64_t>(1, std::min(max_chunks, (2 * threads + rows - 1) / rows)); };
+  const bool whole_rows = b * chunks_for(b) >= 2 * threads;  // enough units without splitting heads
+  const int64_t hpu = whole_rows ? Hkv : 1, groups = Hkv / hpu, chunks = chunks_for(b * groups);
   const int64_t Q = hpu * g * T;  // queries per unit, indexed (hh * g + j) * T + t: head (hk0 + hh) * g + j
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
@@ -44,8 +47,6 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();  // [b, T, H, D] contiguous
 
-  const int64_t max_chunks = (kv_len + 127) / 128;  // at least 128 keys per chunk
-  const int64_t chunks = std::max<int64_t>(1, std::min(max_chunks, (2 * threads + b * groups - 1) / (b * groups)));
   const int64_t chunk = (kv_len + chunks - 1) / chunks;
   const int64_t units = b * groups * chunks;
   std::vector<float> part_max(units * Q), part_sum(units * Q), part_acc(units * Q * D);
@@ -73,25 +74,41 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           float* dst = &qf[(hj * T + t) * D];
           for (int64_t d = 0; d < D; ++d) dst[d] = to_f(src[d]) * scale;
         }
-      for (int64_t sb = s0; sb < s1; sb += kBlock) {  // scores, kBlock keys at a time
-        const int64_t nb = std::min(kBlock, s1 - sb);
-        // kt [hpu, D, kBlock]: the block's keys transposed, so each query's kBlock dot products
-        // are kBlock-wide FMAs with no horizontal sums
-        for (int64_t i = 0; i < kBlock; ++i) {
-          const scalar_t* ksrc = kp + bi * ks[0] + (sb + std::min(i, nb - 1)) * ks[1];
+      if (Q <= 9) {  // few queries per key (decode): dot products straight off each key
+        for (int64_t s = s0; s < s1; ++s) {
+          const scalar_t* ksrc = kp + bi * ks[0] + s * ks[1];
           for (int64_t hh = 0; hh < hpu; ++hh)
-            for (int64_t d = 0; d < D; ++d) kt[(hh * D + d) * kBlock + i] = to_f(ksrc[(hk0 + hh) * ks[2] + d]);
-        }
-        for (int64_t qi = 0; qi < Q; ++qi) {
-          const float* qr = &qf[qi * D];
-          const float* kr = &kt[qi / (g * T) * D * kBlock];
-          float dots[kBlock] = {};
-          for (int64_t d = 0; d < D; ++d) {
-            const float qd = qr[d];
-#pragma omp simd
-            for (int64_t i = 0; i < kBlock; ++i) dots[i] += qd * kr[d * kBlock + i];
+            for (int64_t d = 0; d < D; ++d) vf[hh * D + d] = to_f(ksrc[(hk0 + hh) * ks[2] + d]);
+          for (int64_t qi = 0; qi < Q; ++qi) {
+            const float* qr = &qf[qi * D];
+            const float* kr = &vf[qi / (g * T) * D];
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+            sc[qi * chunk + (s - s0)] = dot;
           }
-          std::copy(dots, dots + nb, &sc[qi * chunk + (sb - s0)]);
+        }
+      } else {  // many queries per key (verify, GQA): transposing a block of keys pays off
+        for (int64_t sb = s0; sb < s1; sb += kBlock) {  // scores, kBlock keys at a time
+          const int64_t nb = std::min(kBlock, s1 - sb);
+          // kt [hpu, D, kBlock]: the block's keys transposed, so each query's kBlock dot products
+          // are kBlock-wide FMAs with no horizontal sums
+          for (int64_t i = 0; i < kBlock; ++i) {
+            const scalar_t* ksrc = kp + bi * ks[0] + (sb + std::min(i, nb - 1)) * ks[1];
+            for (int64_t hh = 0; hh < hpu; ++hh)
+              for (int64_t d = 0; d < D; ++d) kt[(hh * D + d) * kBlock + i] = to_f(ksrc[(hk0 + hh) * ks[2] + d]);
+          }
+          for (int64_t qi = 0; qi < Q; ++qi) {
+            const float* qr = &qf[qi * D];
+            const float* kr = &kt[qi / (g * T) * D * kBlock];
+            float dots[kBlock] = {};
+            for (int64_t d = 0; d < D; ++d) {
+              const float qd = qr[d];
+#pragma omp simd
+              for (int64_t i = 0; i < kBlock; ++i) dots[i] += qd * kr[d * kBlock + i];
+            }
+            std::copy(dots, dots + nb, &sc[qi * chunk + (sb - s0)]);
+          }
         }
       }
       for (int64_t qi = 0; qi < Q; ++qi) {  // local softmax over the keys this query may see
