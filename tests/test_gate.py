@@ -64,3 +64,22 @@ def test_toggle_ladder_is_one_way_within_a_wave_and_moves_between_waves():
     gate.observe_acceptance(rows=10, k=7, accepted=10, rejected_rows=10)
     gate.end_wave()
     assert gate.config.ladder[gate.ladder_index] == 5
+
+
+def test_exploration_re_measures_plain_while_speculating():
+    """A gate that speculates for a long stretch still takes plain steps now and then, so a
+    plain cost that went stale (here: 3x too high) is corrected and speculation stops."""
+    gate = SpeculationGate(SpeculationConfig(explore_every=4))
+    gate.observe_target(2, 0.030)  # stale: plain is really 0.010 s here
+    gate.observe_draft(2, 0.006)
+    for k in (1, 2, 3, 4):
+        gate.observe_verify(2, k, 0.012 + 0.002 * k)
+    gate.alpha = 0.6
+    ks = []
+    for _ in range(80):
+        k = gate.choose(2, wave_filled=True, k_cap=8)
+        ks.append(k)
+        if k == 0:
+            gate.observe_target(2, 0.010)
+    assert ks[0] > 0  # speculates on the stale estimate at first...
+    assert ks[-8:] == [0] * 8  # ...and settles on plain once it re-measured it

@@ -206,11 +206,19 @@ class SpeculationGate:
             best = current
         self.current_k = best
         if cfg.explore_every and self.steps % cfg.explore_every == 0:
-            # Refresh a neighbouring K's estimate, alternating below/above the choice (from
-            # K=0: a short draft), but only where the prediction says it could plausibly win.
-            step = -1 if (self.steps // cfg.explore_every) % 2 else 1
-            probe_k = max(0, min(k_max, best + step if best > 0 else 2))
+            probe_k = self._exploration(best, k_max, self.steps // cfg.explore_every)
+            if probe_k == 0 and best > 0:
+                return 0  # plain's cost is only measured on plain steps: never let it go stale
             probe_cost, best_cost = self.predicted_cost(batch, probe_k), self.predicted_cost(batch, best)
             if probe_cost is None or best_cost is None or probe_cost <= best_cost * (1 + cfg.explore_margin):
                 return probe_k
         return best
+
+    @staticmethod
+    def _exploration(best: int, k_max: int, n: int) -> int:
+        """The K the n-th exploration step refreshes: from K=0 a short draft; while speculating,
+        in turn the K below, the K above and plain decoding (whose cost a long speculative
+        stretch would otherwise never re-measure, as sequences grow and the batch shrinks)."""
+        if best == 0:
+            return min(2, k_max)
+        return (max(best - 1, 0), min(best + 1, k_max), 0)[n % 3]
