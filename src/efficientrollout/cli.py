@@ -88,8 +88,10 @@ def _serve_engine(a: argparse.Namespace) -> None:
 
     from .pipeline.service import EngineService, WorkerConfig
 
+    from .engines.thread import engine_thread
+
     config = from_arguments(WorkerConfig, a)  # before loading the model: a bad flag fails fast
-    engine = _engine(a, engine_id=a.engine_id)
+    engine = engine_thread().call(_engine, a, a.engine_id)  # all tensor work on one thread (engines/thread.py)
     try:
         anyio.run(EngineService(engine, config).run)
     finally:

@@ -30,6 +30,7 @@ import anyio.to_thread
 import msgspec
 
 from ..engines import Engine, EngineUnusable
+from ..engines.thread import engine_thread
 from ..options import option
 from ..policies import PolicyClient, PolicyUnavailable
 from ..protocol import EngineStatus, WaveTrace
@@ -178,7 +179,7 @@ class EngineService:
         try:
             path = await anyio.to_thread.run_sync(self.policy.download, latest, self._downloads)
             try:
-                await anyio.to_thread.run_sync(self.engine.update_weights, path, latest)
+                await engine_thread().run(self.engine.update_weights, path, latest)
             finally:
                 path.unlink(missing_ok=True)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving

@@ -20,10 +20,10 @@ import logging
 from dataclasses import dataclass, field
 
 import anyio
-import anyio.to_thread
 import redis.exceptions
 
 from ..engines import Engine, EngineUnusable
+from ..engines.thread import engine_thread
 from ..protocol import RolloutResult
 from ..queue import Claimed, RolloutQueue
 
@@ -139,7 +139,7 @@ class WaveWorker:
         end: _WaveEnd | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_leases)
-            tg.start_soon(anyio.to_thread.run_sync, generate)
+            tg.start_soon(engine_thread().run, generate)
             while end is None:
                 batch = [await finished.get()]
                 while not finished.empty():
