@@ -86,7 +86,7 @@ def hostile_payloads() -> list[tuple[str | None, bytes]]:
     enc = msgspec.msgpack.encode
     out: list[tuple[str | None, bytes]] = []
     junk = [b"", b"\x00", b"\xc1", b"\xff" * 64, b'{"id": "json", "prompt": "hi"}', os.urandom(256), b"\x92\x01", b"\xdd\xff\xff\xff\xff",
-            b"\x91" * 5000 + b"\x00", enc(None), enc(12), enc("text"), enc([1, 2, 3]), enc({"no": "id"})]
+            b"\x91" * 5000 + b"\x00", b"\xa3\xa5\xff\xfe", b"\x81\xa2id\xa2\xff\xfe", enc(None), enc(12), enc("text"), enc([1, 2, 3]), enc({"no": "id"})]
     out += [(None, j) for j in junk]
     bad_fields = [
         {"prompt": 5}, {"prompt": None}, {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, {},

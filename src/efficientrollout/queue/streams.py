@@ -183,7 +183,7 @@ class RolloutQueue:
         data = fields.get(b"data")
         try:
             return Claimed(eid, _decode_request(data))
-        except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:  # ValueError: invalid UTF-8
             raw_id = f"malformed:{eid}"
             try:  # keep the client's id where one can be read, so its waiter is answered
                 loose = msgspec.msgpack.decode(data)
