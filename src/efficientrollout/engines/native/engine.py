@@ -106,16 +106,19 @@ class NativeEngine:
             if config.speculation.probe:
                 self.probe()
 
-    def probe(self, batches: tuple[int, ...] = (1, 4, 16, 64), k: int = 3) -> float:
+    def probe(self, batches: tuple[int, ...] = (1, 4, 16, 64), k: int = 3, context: int = 256) -> float:
         """Seed the gate's cost tables: a plain step, a drafter step and a K=3 verify at a few
-        batch sizes (a few seconds; the cache slots are free between waves)."""
+        batch sizes, each over `context` cached positions (a typical rollout's; attention over
+        an empty cache made verify look cheap at large batches, and the gate speculated there
+        until its measurements caught up). A few seconds; the cache slots are free between waves."""
         assert not self._generating and self.drafter is not None
         t0 = time.perf_counter()
+        context = max(0, min(context, self.config.max_seq_len - k - 1))
         for b in (b for b in batches if b <= self.config.max_batch_size):
             for width, decoder in ((1, self.decoder), (1, self.drafter.decoder), (k + 1, self.decoder)):
                 tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
-                positions = torch.arange(width, device=self.device).expand(b, width)
-                best = min(self._timed(tokens, positions, width, decoder) for _ in range(2))
+                positions = context + torch.arange(width, device=self.device).expand(b, width)
+                best = min(self._timed(tokens, positions, context + width, decoder) for _ in range(2))
                 if decoder is self.drafter.decoder:
                     self.gate.observe_draft(b, best)
                 elif width == 1:
