@@ -2,7 +2,8 @@
 
 A fleet of --engines engine processes with the bundled model (speculation on, so the drafter
 is re-quantized too) sits idle; the trainer side publishes --rounds new versions with
-`PolicyPublisher.publish(state_dict)`. For each: the publish call's time (serialize, hash,
+`PolicyPublisher.publish(state_dict)`, in each transport dtype in turn (fp32 as the trainer
+holds them, and the engines' own dtype). For each: the publish call's time (serialize, hash,
 upload, server-side verify and atomic store), and the time from the start of the publish until
 each engine reports the new version on /healthz (its poll, download with sha256, load in place,
 re-quantize). The engines' own figure for download + load + re-quantize comes from /metrics.
@@ -20,6 +21,7 @@ import torch
 
 from efficientrollout.models import read_state_dict
 from efficientrollout.models.checkpoint import resolve_model
+from efficientrollout.engines.native.engine import resolve_dtype
 from efficientrollout.pipeline.fleet import Fleet
 from efficientrollout.policies import PolicyPublisher
 
@@ -41,34 +43,44 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--speculation", default="adaptive")
+    ap.add_argument("--transport-dtypes", default="float32,auto",
+                    help="compared in one run; auto: the engines' dtype (bf16 where the CPU has native bf16)")
     a = ap.parse_args()
     base = read_state_dict(resolve_model(a.model))
     size_mb = sum(t.numel() * t.element_size() for t in base.values()) / 1e6
+    engines_dtype = resolve_dtype("auto", torch.device("cpu"))
+    transports = [engines_dtype if d == "auto" else getattr(torch, d) for d in a.transport_dtypes.split(",")]
     rows = []
     with Fleet(a.engines, engine_args=["--model", a.model, "--speculation", a.speculation]) as fleet:
         urls = [e.metrics for e in fleet.status()["engines"]]
-        publisher = PolicyPublisher(fleet.policy_url, fleet.token)
         for step in range(a.rounds):
-            state = {k: v + 1e-3 * v * torch.randn_like(v) for k, v in base.items()}
-            t0 = time.perf_counter()
-            version = publisher.publish(state)
-            publish_s = time.perf_counter() - t0
-            served = {}
-            while len(served) < len(urls):
-                for url in urls:
-                    if url not in served and engine_version(url) == version:
-                        served[url] = time.perf_counter() - t0
-                time.sleep(0.01)
-            row = {"version": version, "publish_s": round(publish_s, 2), "all_serving_s": round(max(served.values()), 2),
-                   "after_publish_returned_s": round(max(served.values()) - publish_s, 2),
-                   "engine_download_load_requantize_s": [round(update_seconds(u), 2) for u in urls]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for dtype in transports:  # interleaved: this machine's speed drifts between minutes
+                publisher = PolicyPublisher(fleet.policy_url, fleet.token, dtype=dtype)
+                state = {k: v + 1e-3 * v * torch.randn_like(v) for k, v in base.items()}
+                t0 = time.perf_counter()
+                version = publisher.publish(state)
+                publish_s = time.perf_counter() - t0
+                served = {}
+                while len(served) < len(urls):
+                    for url in urls:
+                        if url not in served and engine_version(url) == version:
+                            served[url] = time.perf_counter() - t0
+                    time.sleep(0.01)
+                row = {"version": version, "transport": str(dtype).removeprefix("torch."), "publish_s": round(publish_s, 2),
+                       "all_serving_s": round(max(served.values()), 2),
+                       "after_publish_returned_s": round(max(served.values()) - publish_s, 2),
+                       "engine_download_load_requantize_s": [round(update_seconds(u), 2) for u in urls]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    by = {}
+    for r in rows:
+        by.setdefault(r["transport"], []).append(r)
     print(json.dumps({
         "bench": "weight_sync", "engines": a.engines, "model": a.model, "weights_mb": round(size_mb, 1),
-        "speculation": a.speculation, "rounds": rows,
-        "median_all_serving_s": statistics.median(r["all_serving_s"] for r in rows),
-        "median_publish_s": statistics.median(r["publish_s"] for r in rows), "target_s": 3.0}))
+        "speculation": a.speculation, "engines_dtype": str(engines_dtype).removeprefix("torch."), "rounds": rows,
+        "median_by_transport": {t: {k: statistics.median(r[k] for r in rs) for k in ("publish_s", "after_publish_returned_s", "all_serving_s")}
+                                for t, rs in by.items()},
+        "target_s": 3.0}))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def test_publish_fetch_and_announce(policy_server, tmp_path):
     assert int(redis.Redis.from_url(redis_url).get(RedisKeys().policy_latest)) == 2
 
 
+def test_publish_in_the_engines_dtype_casts_floating_tensors_only(policy_server, tmp_path):
+    url, _, _ = policy_server
+    state = {"w": torch.randn(3, 5), "steps": torch.arange(4)}
+    version = PolicyPublisher(url, "s3cret", dtype=torch.bfloat16).publish(state)
+    got = read_state_dict(PolicyClient(url, "r3ad").download(version, tmp_path / "dl"))
+    assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], state["w"].bfloat16())
+    assert got["steps"].dtype == torch.int64 and torch.equal(got["steps"], state["steps"])
+
+
 def test_unauthenticated_wrong_checksum_and_corrupt_uploads_store_nothing(policy_server, tmp_path):
     url, store, _ = policy_server
     PolicyPublisher(url, "s3cret").publish({"a": torch.ones(2)})

@@ -126,7 +126,12 @@ async def _produce(fleet: Fleet, a: argparse.Namespace, lengths: dict) -> dict:
     """The producer and the trainer stand-in: rounds of rollouts, a new version after each."""
     from ..policies import PolicyPublisher
 
-    publisher = PolicyPublisher(fleet.policy_url, fleet.token)
+    import torch
+
+    from ..engines.native.engine import resolve_dtype
+
+    # weights travel in the engines' precision (what they load anyway): half the bytes of fp32 on bf16 CPUs
+    publisher = PolicyPublisher(fleet.policy_url, fleet.token, dtype=resolve_dtype("auto", torch.device("cpu")))
     version, latencies, results, publish_s = 0, [], [], []
     total = a.rounds * a.prompts * a.n
     t_start = time.perf_counter()
