@@ -34,7 +34,7 @@ class SpeculationConfig:
     probe: bool = option(True, "seed the cost model with a start-up probe of a few seconds")
     hysteresis: float = option(0.05, "switch K only if the prediction improves by more than this fraction")
     explore_every: int = option(16, "every N steps try a neighbouring K, so stale estimates refresh")
-    explore_margin: float = option(0.25, "... if it is predicted within this fraction of the best")
+    explore_margin: float = option(0.1, "... if it is predicted within this fraction of the best")
     ladder: tuple[int, ...] = option((5, 7, 9, 11), "toggle-ladder's draft lengths")
     ladder_up: float = option(0.94, "toggle-ladder moves up the ladder at wave acceptance >= this")
     ladder_down: float = option(0.85, "toggle-ladder moves down at wave acceptance <= this")
