@@ -49,3 +49,12 @@ def cpu_ops():
         log.warning("CPU decode kernels unavailable (%s: %s); using PyTorch's ops", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
     return torch.ops.efficientrollout
+
+
+def gemv_ops(weight: torch.Tensor):
+    """Our kernels where their 1-8-row linears can serve `weight` (bf16 on an AVX512-BF16 CPU,
+    rows a multiple of 32 wide), else None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.shape[-1] % 32:
+        return None
+    kernels = cpu_ops()
+    return kernels if kernels is not None and kernels.bf16_gemv_available() else None

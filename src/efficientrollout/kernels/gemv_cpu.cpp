@@ -95,53 +95,42 @@ void gemv(int64_t M, const uint16_t* xp, const W* wp, const float* sp, const flo
 }
 #endif
 
+// What bf16_gemv and int8_gemv share: checks, the output, the bias in fp32, the stream over `wp`
+// (the data of `w`; `scale` defined for int8 weights only).
+template <typename W>
+at::Tensor streamed_linear(const at::Tensor& x, const at::Tensor& w, const W* wp, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(efficientrollout::bf16_gemv_available(), "our streamed linears need a CPU with AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kBFloat16, "x [M, K] bf16, w [N, K]");
+  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % 32 == 0 && w.is_contiguous(), "at most 8 rows; K a multiple of 32; contiguous w");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto xc = x.contiguous();
+  auto y = at::empty({M, N}, x.options());
+  at::Tensor b32;
+  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
+#if defined(__AVX512BF16__)
+  gemv(M, reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()), wp,
+       scale.defined() ? scale.const_data_ptr<float>() : nullptr, bias.has_value() ? b32.const_data_ptr<float>() : nullptr,
+       reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>()), K, N);
+#endif
+  return y;
+}
+
 }  // namespace
 
 namespace efficientrollout {
 
 at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   // x [M, K] bf16, w [N, K] bf16 (nn.Linear layout), bias [N] or none → y [M, N] bf16
-  TORCH_CHECK(bf16_gemv_available(), "bf16_gemv needs a CPU with AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 only");
-  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % 32 == 0, "at most 8 rows; K a multiple of 32");
-  TORCH_CHECK(w.is_contiguous(), "contiguous weight");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto xc = x.contiguous();
-  auto y = at::empty({M, N}, x.options());
-  at::Tensor b32;
-  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
-  const float* bp = bias.has_value() ? b32.const_data_ptr<float>() : nullptr;
-#if defined(__AVX512BF16__)
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>());
-  auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>());
-  gemv(M, xp, wp, nullptr, bp, yp, K, N);
-#endif
-  return y;
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16 weights");
+  return streamed_linear(x, w, reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()), at::Tensor(), bias);
 }
 
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
   // x [M, K] bf16, q [N, K] int8, scale [N] fp32, bias [N] or none → y [M, N] bf16
-  TORCH_CHECK(bf16_gemv_available(), "int8_gemv needs a CPU with AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "x [M, K], q [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "bf16 x, int8 q, fp32 scale");
-  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % 32 == 0 && q.is_contiguous() && scale.numel() == q.size(0), "shapes");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  auto xc = x.contiguous();
-  auto sc = scale.contiguous();
-  auto y = at::empty({M, N}, x.options());
-  at::Tensor b32;
-  if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous();
-#if defined(__AVX512BF16__)
-  const float* bp = bias.has_value() ? b32.const_data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
-  const int8_t* qp = q.const_data_ptr<int8_t>();
-  const float* sp = sc.const_data_ptr<float>();
-  auto* yp = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>());
-  gemv(M, xp, qp, sp, bp, yp, K, N);
-#endif
-  return y;
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
+              "int8 weights, an fp32 scale per row");
+  return streamed_linear(x, q, q.const_data_ptr<int8_t>(), scale.contiguous(), bias);
 }
 
 }  // namespace efficientrollout

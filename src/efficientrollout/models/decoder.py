@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import cpu_ops
+from ..kernels import cpu_ops, gemv_ops
 from .config import ModelConfig
 
 
@@ -76,9 +76,8 @@ class Linear(nn.Linear):
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
             except RuntimeError:  # e.g. bf16 on a CPU without AVX512: keep the default GEMM
                 pass
-        kernels = cpu_ops() if w.device.type == "cpu" and w.dtype == torch.bfloat16 else None
-        if kernels is not None and kernels.bf16_gemv_available() and w.shape[1] % 32 == 0 and w.numel() <= GEMV_MAX_WEIGHT:
-            self.gemv = kernels
+        if w.numel() <= GEMV_MAX_WEIGHT:
+            self.gemv = gemv_ops(w)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is None:

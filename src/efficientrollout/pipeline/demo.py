@@ -124,11 +124,10 @@ def _requests(a: argparse.Namespace, rnd: int, version: int, lengths: dict) -> l
 
 async def _produce(fleet: Fleet, a: argparse.Namespace, lengths: dict) -> dict:
     """The producer and the trainer stand-in: rounds of rollouts, a new version after each."""
-    from ..policies import PolicyPublisher
-
     import torch
 
     from ..engines.native.engine import resolve_dtype
+    from ..policies import PolicyPublisher
 
     # weights travel in the engines' precision (what they load anyway): half the bytes of fp32 on bf16 CPUs
     publisher = PolicyPublisher(fleet.policy_url, fleet.token, dtype=resolve_dtype("auto", torch.device("cpu")))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import cpu_ops
+from ..kernels import cpu_ops, gemv_ops
 from ..models.decoder import GEMV_MAX_ROWS, Decoder, Linear
 
 
@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
 
         src = self._source[0]
         w, bias = src.weight.detach(), None if src.bias is None else src.bias.detach()
-        self.gemv = None  # (our kernels, [int8 weight, fp32 scale]) where our int8 kernel serves
+        self.gemv: list[Tensor] | None = None  # our kernels' weights for this linear, where they serve it
         self.bias = bias
         if self.kernel == "none":
             self.weight = w
@@ -87,8 +87,8 @@ class QuantLinear(nn.Module):
             self.weight = self.wide
         elif self.kernel == "int8pack":
             self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
-            if w.dtype == torch.bfloat16 and w.shape[1] % 32 == 0 and (kernels := cpu_ops()) is not None and kernels.bf16_gemv_available():
-                self.gemv = (kernels, [self.weight[0], scale.contiguous()])
+            if gemv_ops(w) is not None:  # our int8 kernel: int8 weight, fp32 scale per row
+                self.gemv = [self.weight[0], scale.contiguous()]
         elif self.kernel == "int4":
             from torchao.quantization import Int4TilePackedTo4dTensor
 
@@ -98,8 +98,8 @@ class QuantLinear(nn.Module):
 
             qdata, scales_and_zeros = groupwise_affine_quantize_tensor(w.bfloat16(), 4, self.group_size, torch.bfloat16)
             self.weight = (torch._convert_weight_to_int4pack_for_cpu(qdata, 1), scales_and_zeros)
-            if w.dtype == torch.bfloat16 and bias is None and (kernels := cpu_ops()) is not None and kernels.bf16_gemv_available():
-                self.gemv = (None, [*self.weight, torch.tensor(self.group_size)])  # decode_layer only
+            if bias is None and gemv_ops(w) is not None:  # decode_layer calls ATen's int4 kernel itself
+                self.gemv = [*self.weight, torch.tensor(self.group_size)]
         else:
             self.weight = Int8Tensor.from_hp(w, granularity=PerRow())
 
@@ -111,8 +111,7 @@ class QuantLinear(nn.Module):
         if self.kernel in PACKED_MAX_ROWS:
             lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
             if self.kernel == "int8pack" and self.gemv is not None and rows.shape[0] <= GEMV_MAX_ROWS:
-                kernels, (q, scale) = self.gemv
-                return kernels.int8_gemv(rows, q, scale, self.bias).view(*lead, -1)
+                return cpu_ops().int8_gemv(rows, *self.gemv, self.bias).view(*lead, -1)
             if rows.shape[0] > PACKED_MAX_ROWS[self.kernel]:
                 return self._source[0](x) if self.wide is None else _fbgemm_linear(x, self.wide)
             if self.kernel == "int8pack":
@@ -126,10 +125,9 @@ class QuantLinear(nn.Module):
             return F.linear(x.bfloat16(), self.weight, None if self.bias is None else self.bias.bfloat16()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
-
     def gemv_weights(self) -> list[Tensor] | None:
-        """The weights as `decode_layer` takes them, where our int8 kernel serves this linear."""
-        return None if self.gemv is None else self.gemv[1]
+        """The weights as `decode_layer` takes them, where our kernels serve this linear."""
+        return self.gemv
 
 
 def _fbgemm_linear(x: Tensor, packed) -> Tensor:

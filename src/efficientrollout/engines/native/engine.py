@@ -332,5 +332,4 @@ class NativeEngine:
         )
 
 
-
 __all__ = ["CheckpointError", "EngineConfig", "NativeEngine", "PromptError"]
