@@ -83,3 +83,18 @@ def test_exploration_re_measures_plain_while_speculating():
             gate.observe_target(2, 0.010)
     assert ks[0] > 0  # speculates on the stale estimate at first...
     assert ks[-8:] == [0] * 8  # ...and settles on plain once it re-measured it
+
+
+def test_adaptive_measures_a_batch_size_it_never_drafted_at():
+    """Costs known only at a large batch (no start-up probe, as inside SGLang) extrapolate badly to
+    the tail; the gate must still try drafting there instead of trusting the extrapolation."""
+    gate = SpeculationGate(SpeculationConfig(explore_every=16))
+    gate.observe_target(32, 0.05)
+    gate.observe_draft(32, 0.05)  # drafting at batch 32 costs a full step: hopeless there
+    gate.observe_verify(32, 2, 0.15)
+    gate.observe_target(2, 0.01)
+    ks = [gate.choose(2, wave_filled=True, k_cap=8) for _ in range(32)]
+    assert any(k > 0 for k in ks)
+    gate.observe_draft(2, 0.001)  # once measured there, the prediction decides again
+    gate.observe_verify(2, 2, 0.5)
+    assert all(gate.choose(2, wave_filled=True, k_cap=8) == 0 for _ in range(64))

@@ -110,6 +110,26 @@ def _pit(probs: torch.Tensor, tokens: torch.Tensor, rng: np.random.Generator) ->
     return upper - p + rng.random(len(p)) * p
 
 
+@torch.no_grad()
+def sampled_pits(hf, results, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """PITs of every token after the first (those come from speculative steps) of n samples of one
+    prompt under the reference's top-k-filtered distribution, and the same under a distribution
+    shifted by one token: Uniform(0, 1) only if the samples follow the reference."""
+    rng = np.random.default_rng(0)
+    prompt = results[0].prompt_token_ids
+    ids = torch.tensor([prompt + r.output_token_ids for r in results])
+    logits = hf(ids).logits[:, len(prompt) - 1 : -1].float()  # [n, T, V]
+    pits, shifted = [], []
+    for pos in range(1, logits.shape[1]):
+        probs = torch.softmax(logits[:, pos], -1)
+        top = probs.topk(top_k, dim=-1)
+        filtered = torch.zeros_like(probs).scatter_(-1, top.indices, top.values)
+        filtered /= filtered.sum(-1, keepdim=True)
+        pits.append(_pit(filtered, ids[:, len(prompt) + pos], rng))
+        shifted.append(_pit(filtered.roll(1, dims=-1), ids[:, len(prompt) + pos], rng))
+    return np.concatenate(pits), np.concatenate(shifted)
+
+
 def test_verify_is_distribution_exact_and_a_biased_verifier_is_caught():
     torch.manual_seed(0)
     V, K, n = 6, 3, 6000
@@ -139,22 +159,9 @@ def test_engine_sampling_follows_the_target_with_a_poor_drafter(tiny_dir):
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     results = spec.generate([req(0, "The quick brown fox", temperature=1.0, top_k=50, max_new_tokens=5, n=400, seed=123, ignore_eos=True)])
     assert 0.1 < sum(r.speculation.accepted for r in results) / sum(r.speculation.drafted for r in results) < 0.9
-    rng = np.random.default_rng(0)
-    pits, drafter_pits = [], []
-    with torch.no_grad():
-        prompt = results[0].prompt_token_ids
-        ids = torch.tensor([prompt + r.output_token_ids for r in results])
-        logits = hf(ids).logits[:, len(prompt) - 1 : -1].float()  # [n, 5, V]
-    for pos in range(1, 5):  # tokens after the first come from speculative steps
-        probs = torch.softmax(logits[:, pos], -1)
-        top = probs.topk(50, dim=-1)
-        filtered = torch.zeros_like(probs).scatter_(-1, top.indices, top.values)
-        filtered /= filtered.sum(-1, keepdim=True)
-        pits.append(_pit(filtered, ids[:, len(prompt) + pos], rng))
-        drafter_pits.append(_pit(filtered.roll(1, dims=-1), ids[:, len(prompt) + pos], rng))
-    pits = np.concatenate(pits)
+    pits, shifted = sampled_pits(hf, results, top_k=50)
     assert _ks_uniform(pits) < 1.95 / np.sqrt(len(pits))
-    assert _ks_uniform(np.concatenate(drafter_pits)) > 1.95 / np.sqrt(len(pits))  # the statistic has power
+    assert _ks_uniform(shifted) > 1.95 / np.sqrt(len(pits))  # the statistic has power
 
 
 def test_drafter_follows_weight_updates(tiny_dir, tmp_path):

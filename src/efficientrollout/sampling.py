@@ -59,6 +59,11 @@ class SamplingBatch:
             any_filtered=any(t > 0 and (p < 1.0 or k > 0) for t, p, k in zip(temperature, top_p, top_k)),
         )
 
+    def repeat_rows(self, times: int) -> "SamplingBatch":
+        """Row i's parameters for each of its `times` positions (row-major)."""
+        return SamplingBatch(self.temperature.repeat_interleave(times), self.top_p.repeat_interleave(times),
+                             self.top_k.repeat_interleave(times), self.any_sampled, self.any_filtered)
+
 
 def scaled_logprobs(logits: Tensor, temperature: Tensor) -> Tensor:
     """log_softmax(logits / T) over the full vocabulary, T = 1 where T == 0 (greedy). [b, V] fp32."""

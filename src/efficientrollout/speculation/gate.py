@@ -72,6 +72,10 @@ class CostTable:
         old = self.ema.get(b)
         self.ema[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
+    def measured(self, n: int) -> bool:
+        """Whether n's own bucket was measured (else predict() interpolates or extrapolates)."""
+        return _bucket(n) in self.ema
+
     def predict(self, n: int) -> float | None:
         if not self.ema:
             return None
@@ -209,6 +213,8 @@ class SpeculationGate:
             probe_k = self._exploration(best, k_max, self.steps // cfg.explore_every)
             if probe_k == 0 and best > 0:
                 return 0  # plain's cost is only measured on plain steps: never let it go stale
+            if probe_k > 0 and not self.draft.measured(batch):
+                return probe_k  # a batch size never drafted at: predictions here are extrapolations, measure
             probe_cost, best_cost = self.predicted_cost(batch, probe_k), self.predicted_cost(batch, best)
             if probe_cost is None or best_cost is None or probe_cost <= best_cost * (1 + cfg.explore_margin):
                 return probe_k

@@ -38,14 +38,6 @@ def _uniforms(seeds: list[int], positions: Tensor, stream: int) -> Tensor:
     return torch.from_numpy(u).view(b, T).to(positions.device)
 
 
-def _repeat(params: SamplingBatch, times: int) -> SamplingBatch:
-    """Row i's parameters for each of its `times` positions (row-major)."""
-    return SamplingBatch(
-        params.temperature.repeat_interleave(times), params.top_p.repeat_interleave(times),
-        params.top_k.repeat_interleave(times), params.any_sampled, params.any_filtered,
-    )
-
-
 @torch.inference_mode()
 def speculative_step(
     runner: ModelRunner, drafter, last_tokens: list[int], last_positions: list[int], seeds: list[int], params: SamplingBatch, k: int
@@ -73,7 +65,7 @@ def speculative_step(
 
     logits = runner.forward(torch.cat((last[:, None], drafts_t), dim=1), positions, kv_len)  # [b, K+1, V]
     V = logits.shape[-1]
-    flat = _repeat(params, k + 1)
+    flat = params.repeat_rows(k + 1)
     logprobs = scaled_logprobs(logits.view(-1, V), flat.temperature)  # [b*(K+1), V]
     if sampled:
         n, emitted = verify(

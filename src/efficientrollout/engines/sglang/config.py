@@ -14,9 +14,10 @@ class SGLangConfig:
 
     sglang_python: str = option(sys.executable, "the Python that has sglang installed (SGLang pins its own torch; it "
                                 "may live in another environment)", env="EFFICIENTROLLOUT_SGLANG_PYTHON")
-    sglang_speculation: str = option("none", "SGLang's own speculation: none, or standalone (the same checkpoint as draft, "
-                                     "its own KV pool): the baseline our drafter is measured against",
-                                     choices=("none", "standalone"))
+    sglang_speculation: str = option("none", "none; efficientrollout (our self-drafter inside SGLang, gated per batch by the "
+                                     "engine's --speculation mode, --k and --k-max; needs this package installed in SGLang's "
+                                     "Python); or standalone (SGLang's own, the same checkpoint as draft with its own KV pool: "
+                                     "the baseline)", choices=("none", "efficientrollout", "standalone"))
     sglang_draft_tokens: int = option(4, "standalone: draft tokens per verify (num-steps is one less)")
     sglang_max_total_tokens: int = option(32768, "SGLang's KV pool in tokens (its default sizes the pool to the "
                                           "device's memory: ~15 GB on a CPU)")

@@ -21,6 +21,7 @@ next wave restarts the server first.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import secrets
 import shutil
@@ -63,6 +64,8 @@ class SGLangEngine:
         from transformers import AutoTokenizer
 
         sglang = sglang or SGLangConfig()
+        if sglang.sglang_speculation == "efficientrollout" and config.speculation.mode == "toggle-ladder":
+            raise ValueError("inside SGLang our drafter is gated by plain, always or adaptive; toggle-ladder needs the native engine")
         self.config, self.sglang = config, sglang
         self.device = resolve_device(config.device)
         self.dtype = str(resolve_dtype(config.dtype, self.device)).removeprefix("torch.")
@@ -73,8 +76,11 @@ class SGLangEngine:
         self.tied = "lm_head.weight" not in self.reference
         self.version = 0
         self.engine_id = engine_id or f"sglang-{socket.gethostname()}-{os.getpid()}"
-        self.trace: list[StepRecord] = []  # SGLang does not expose its steps
+
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efficientrollout-sglang."))
+        self.trace: list[StepRecord] = []
+        self._steps_path = self.workdir / "steps.jsonl"  # our algorithm's step trace, written by the server
+        self._steps = StepLog(self._steps_path)
         self._served_dir = self.model_path
         self._abort = threading.Event()
         self._generating = False
@@ -92,6 +98,8 @@ class SGLangEngine:
                 "--max-total-tokens", str(s.sglang_max_total_tokens), "--log-level", "warning", "--skip-server-warmup"]
         if self.device.type == "cpu":  # SGLang's CPU docs: its overlap scheduler's spinning thread starves 2 cores
             args += ["--disable-cuda-graph", "--disable-overlap-schedule"]
+        if s.sglang_speculation == "efficientrollout":
+            args += ["--speculative-algorithm", "EFFICIENTROLLOUT", "--speculative-num-steps", str(c.speculation.k_max)]
         if s.sglang_speculation == "standalone":
             args += ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(model_dir),
                      "--speculative-num-steps", str(s.sglang_draft_tokens - 1), "--speculative-eagle-topk", "1",
@@ -99,7 +107,12 @@ class SGLangEngine:
         return args + s.sglang_args.split()
 
     def _server_env(self) -> dict[str, str]:
-        return {"SGLANG_USE_CPU_ENGINE": "1"} if self.device.type == "cpu" else {}
+        env = {"SGLANG_USE_CPU_ENGINE": "1"} if self.device.type == "cpu" else {}
+        if self.sglang.sglang_speculation == "efficientrollout":  # read by our worker inside SGLang
+            spec = self.config.speculation
+            env |= {"EFFICIENTROLLOUT_SPECULATION": spec.mode, "EFFICIENTROLLOUT_SPECULATION_K": str(spec.k),
+                    "EFFICIENTROLLOUT_SGLANG_TRACE": str(self._steps_path)}
+        return env
 
     def close(self) -> None:
         self.http.close()
@@ -171,6 +184,8 @@ class SGLangEngine:
             raise RuntimeError("this engine is already generating a wave")
         self._generating = True
         self._abort.clear()
+        wave_t0 = time.time()
+        self._steps.reset()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.max_batch_size, thread_name_prefix="sglang")
         futures: dict[concurrent.futures.Future, tuple[RolloutRequest, int, str]] = {}
         try:
@@ -204,7 +219,13 @@ class SGLangEngine:
             for future in futures:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            self.trace = self._steps.steps(wave_t0)
             self._generating = False
+
+    def _drafted(self, rid: str, meta: dict) -> int:
+        if self.sglang.sglang_speculation == "efficientrollout":  # K varies per step: our worker counted
+            return self._steps.drafted(rid)
+        return int(meta.get("spec_num_proposed_drafts", 0))  # STANDALONE drafts a fixed K
 
     def abort(self) -> None:
         if self._generating:
@@ -239,10 +260,54 @@ class SGLangEngine:
             finish_reason=FINISH_LENGTH if finish == "length" else FINISH_STOP, engine_id=self.engine_id,
             backend=self.backend, dtype=self.dtype, metadata=request.metadata,
             timings=Timings(decode_s=time.perf_counter() - t0),  # SGLang's own split is not reported uniformly
-            speculation=SpeculationStats(drafted=int(meta.get("spec_num_proposed_drafts", 0)),
-                                         accepted=int(meta.get("spec_num_correct_drafts", 0))),
+            speculation=SpeculationStats(drafted=self._drafted(rid, meta), accepted=int(meta.get("spec_num_correct_drafts", 0))),
         )
 
+
+
+class StepLog:
+    """The trace our algorithm writes inside SGLang (one JSON line per decode step, one per finished
+    request), read incrementally by the engine's threads; truncated at every wave's start (the
+    server appends with O_APPEND, so it writes on from the new end)."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock = path, threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            if self.path.exists():
+                os.truncate(self.path, 0)
+            self.offset, self.records, self.by_rid = 0, [], {}
+
+    def _read(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        self.offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "rid" in record:
+                self.by_rid[record["rid"]] = record["drafted"]
+            else:
+                self.records.append(record)
+
+    def drafted(self, rid: str) -> int:
+        with self.lock:
+            self._read()
+            return self.by_rid.pop(rid, 0)
+
+    def steps(self, wave_t0: float) -> list[StepRecord]:
+        with self.lock:
+            self._read()
+            return [StepRecord(s["t"] - wave_t0, s["batch"], s["k"], s["batch"] * s["k"], s["accepted"],
+                               s["accepted"] + s["batch"], s["s"]) for s in self.records]
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, torch.Tensor]:

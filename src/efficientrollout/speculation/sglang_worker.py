@@ -1,0 +1,434 @@
+"""Our self-drafter inside SGLang: `--speculative-algorithm EFFICIENTROLLOUT`.
+
+Registered through SGLang's plugin entry point (`sglang.srt.plugins`, see pyproject.toml), so an
+SGLang server with this package installed gains the algorithm; nothing else changes for it.
+
+- **The draft is the served model itself, quantized.** When SGLang (re)loads weights, every
+  unquantized linear is also quantized to int8 per channel with torchao (`QuantLinear`, the
+  native engine's drafter layer, on the fastest int8 kernel of the device) right before SGLang
+  repacks it; the LM head is quantized by the worker. A draft step is the target's own forward
+  with those int8 layers switched in: same modules, same attention backend, and the *target's*
+  KV pool. It writes its K/V into the very slots the verify pass then overwrites, so there is no
+  second pool and no draft catch-up: a gated-off step is a plain SGLang decode step.
+- **Never stale.** Every weight-update path of SGLang's model runner is wrapped; after one, any
+  layer whose int8 copy was not re-derived by the reload is re-derived from its live weights, or
+  speculation stops (plain decoding, logged) where they cannot be read back.
+- **Gated per batch.** `SpeculationGate` picks K (0 = plain step) for every decode batch from
+  costs measured online here (plain step, draft step, verify over K+1) and the running acceptance.
+- **Lossless.** Greedy rows emit the target's argmax; sampled rows use speculative sampling
+  against the drafter's own distribution (`speculation.verify`). SGLang's own verify samples
+  greedily on CPUs, so it is not used. Batches with parameters our verify does not model
+  (min-p, penalties, logit bias, grammars) decode plain.
+
+Server flags: `--speculative-algorithm EFFICIENTROLLOUT [--speculative-num-steps K_MAX]` (8 by
+default); the worker always runs SGLang's non-overlap scheduler. Environment of the server:
+`EFFICIENTROLLOUT_SPECULATION` = adaptive (default) | plain | always (with
+`EFFICIENTROLLOUT_SPECULATION_K`, default 4); `EFFICIENTROLLOUT_SGLANG_TRACE` = a file that
+gets one JSON line per decode step (time, batch, K, accepted, seconds, of which drafting) and
+one per finished request (its id and how many tokens were drafted for it: SGLang's own
+`spec_num_proposed_drafts` assumes K_max drafts per verify).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+
+import torch
+
+from .drafter import QuantLinear, pick_kernel
+from .gate import SpeculationConfig, SpeculationGate
+from .verify import verify
+
+ALGORITHM = "EFFICIENTROLLOUT"
+DEFAULT_K_MAX = 8
+
+log = logging.getLogger("efficientrollout.sglang")
+
+_drafting = False  # True while a draft forward runs: the patched linears use their int8 copies
+_loads = itertools.count(1)  # stamps of draft derivations
+_patched = False
+
+
+def register() -> None:
+    """The `sglang.srt.plugins` entry point: runs in every SGLang process before models load."""
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    SpeculativeAlgorithm.register(ALGORITHM, spec_class=_spec_class())(lambda server_args: SelfDraftWorker)
+    _patch_sglang()
+
+
+def _spec_class():
+    from sglang.srt.speculative.spec_registry import CustomSpecAlgo
+
+    class SelfDraft(CustomSpecAlgo):
+        def has_draft_kv(self) -> bool:
+            return False  # drafts write the target's pool
+
+        def handle_server_args(self, server_args) -> None:
+            k = server_args.speculative_num_steps or DEFAULT_K_MAX
+            server_args.speculative_num_steps = k
+            server_args.speculative_eagle_topk = 1
+            server_args.speculative_num_draft_tokens = k + 1
+            server_args.disable_overlap_schedule = True  # the worker runs synchronously
+
+        def create_worker(self, server_args):
+            return self.factory(server_args)
+
+        # SGLang 0.5.18 calls these on every algorithm; its CustomSpecAlgo lacks them
+        def carries_draft_hidden_states(self) -> bool:
+            return False
+
+        def need_topk(self) -> bool:
+            return False
+
+        def create_future_map(self, device, req_to_token_pool, needs_cpu_seq_lens: bool = True,
+                              needs_confidence_relay: bool = False):
+            from sglang.srt.managers.overlap_utils import FutureMap
+
+            return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay)
+
+    return SelfDraft
+
+
+def _enabled() -> bool:
+    from sglang.srt.runtime_context import get_spec
+
+    try:
+        return (get_spec().speculative_algorithm or "").upper() == ALGORITHM
+    except Exception:  # config not published in this process: not a model-loading process
+        return False
+
+
+class _Source:
+    """What QuantLinear reads from a linear: its weight (only while quantizing) and a fallback."""
+
+    def __init__(self, weight, bias, fallback):
+        self.weight, self.bias, self.in_features, self._fallback = weight, bias, weight.shape[-1], fallback
+
+    def __call__(self, x):
+        return self._fallback(x)
+
+
+def derive_draft(layer, weight, apply) -> None:
+    """Quantize `weight` into `layer._er_draft`; `apply(x)` is the layer's own (target) forward."""
+    source = _Source(weight.detach(), getattr(layer, "bias", None), apply)
+    draft = QuantLinear(source, pick_kernel(weight.device))
+    source.weight = None  # keep no reference to the full-precision copy SGLang repacks next
+    layer._er_draft, layer._er_draft_stamp = draft, next(_loads)
+
+
+def _patch_sglang() -> None:
+    global _patched
+    if _patched:
+        return
+    _patched = True
+    from sglang.srt.layers.logits_processor import LogitsProcessor
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+    load, apply, lm_head = (UnquantizedLinearMethod.process_weights_after_loading, UnquantizedLinearMethod.apply,
+                            LogitsProcessor._compute_lm_head)
+
+    def process_weights_after_loading(self, layer):
+        if _enabled() and getattr(layer, "weight", None) is not None and layer.weight.dim() == 2:
+            derive_draft(layer, layer.weight, lambda x, method=self, layer=layer: apply(method, layer, x, layer.bias))
+        return load(self, layer)
+
+    def apply_draft(self, layer, x, bias=None):
+        draft = getattr(layer, "_er_draft", None) if _drafting else None
+        return apply(self, layer, x, bias) if draft is None else draft(x)
+
+    def compute_lm_head(self, hidden_states, head, embedding_bias=None):
+        draft = getattr(head, "_er_draft", None) if _drafting else None
+        return lm_head(self, hidden_states, head, embedding_bias) if draft is None else draft(hidden_states)
+
+    UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
+    UnquantizedLinearMethod.apply = apply_draft
+    LogitsProcessor._compute_lm_head = compute_lm_head
+
+
+def _speculable(info) -> bool:
+    """Whether our verify models this batch's sampling (else it decodes plain)."""
+    penalties = info.penalizer_orchestrator is not None and info.penalizer_orchestrator.is_required
+    return not (info.grammars or info.logit_bias is not None or info.need_min_p_sampling
+                or info.has_custom_logit_processor or penalties)
+
+
+def _sampling_rows(info, vocab: int):
+    """SGLang's per-row sampling parameters as ours."""
+    from ..sampling import SamplingBatch
+
+    top_k = info.top_ks.tolist()
+    greedy = [k == 1 for k in top_k]  # SGLang serves temperature 0 as top-k 1 at temperature 1
+    return SamplingBatch.build(
+        [0.0 if g else float(t) for g, t in zip(greedy, info.temperatures.view(-1).tolist())],
+        info.top_ps.tolist(), [0 if g or k <= 0 or k >= vocab else int(k) for g, k in zip(greedy, top_k)],
+        info.temperatures.device,
+    )
+
+
+def _worker_base():
+    from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+
+    return BaseSpecWorker
+
+
+class SelfDraftWorker(_worker_base()):
+    """SGLang's speculative worker for our algorithm (spec-v2 schema, synchronous)."""
+
+    def __init__(self, server_args, gpu_id, ps, nccl_port, target_worker):
+        super().__init__()
+        self.server_args = server_args
+        self._target_worker = target_worker
+        self._draft_worker = None
+        self.model_runner = target_worker.model_runner
+        self.device = self.model_runner.device
+        self.k_max = server_args.speculative_num_steps
+        self.stride = self.k_max + 1  # every result is laid out for the longest verify
+        self.speculative_num_draft_tokens = self.stride
+        mode = os.environ.get("EFFICIENTROLLOUT_SPECULATION", "adaptive")
+        k = min(int(os.environ.get("EFFICIENTROLLOUT_SPECULATION_K", 4)), self.k_max)
+        self.gate = SpeculationGate(SpeculationConfig(mode=mode, k=k, k_max=self.k_max, probe=False))
+        trace = os.environ.get("EFFICIENTROLLOUT_SGLANG_TRACE")
+        self.trace = open(trace, "a", buffering=1) if trace else None  # one line per decode step
+        self.drafted: dict[str, int] = {}  # per request: SGLang counts K_max per verify, we draft K
+        self.enabled = True
+        self.stamp = 0
+        self.weights_changed = False
+        self._wrap_weight_updates()
+        self.refresh_drafts()
+
+    # ---- the draft's weights ---------------------------------------------------------------
+
+    @property
+    def draft_worker(self):
+        return None
+
+    def _draft_layers(self):
+        return [m for m in self.model_runner.model.modules() if hasattr(m, "_er_draft")]
+
+    def refresh_drafts(self) -> None:
+        """Every draft layer derived from the weights now loaded; the LM head here, the linears
+        when SGLang processed them (a layer it did not reload is re-derived from its weights)."""
+        from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+
+        model = self.model_runner.model
+        head = getattr(model, "lm_head", None)
+        if head is not None and getattr(head, "weight", None) is not None and not getattr(head, "use_intel_amx_backend", False):
+            derive_draft(head, head.weight, None)
+        stale = [m for m in self._draft_layers() if m._er_draft_stamp <= self.stamp and m is not head]
+        for layer in stale:
+            if getattr(layer, "use_intel_amx_backend", False):  # SGLang's packed layout: no weights to read back
+                log.error("draft weights of %s could not be re-derived after a weight update: speculation off", layer)
+                self.enabled = False
+                return
+            derive_draft(layer, layer.weight, lambda x, layer=layer: UnquantizedLinearMethod.apply(layer.quant_method, layer, x, layer.bias))
+        self.stamp = next(_loads)
+        self.weights_changed = False
+        if not self._draft_layers():
+            log.error("no layer of %s has a draft copy: speculation off", type(model).__name__)
+            self.enabled = False
+
+    def _wrap_weight_updates(self) -> None:
+        """Every weight update of the model runner, whichever path SGLang takes, marks the drafts
+        for a check before the next step (the scheduler tells spec workers of some paths only)."""
+        worker = self
+
+        class NotifyingUpdater:
+            def __init__(self, inner):
+                self._inner = inner
+
+            def __getattr__(self, name):
+                attr = getattr(self._inner, name)
+                if not (name.startswith("update_weights_from") and callable(attr)):
+                    return attr
+
+                def update(*args, **kwargs):
+                    try:
+                        return attr(*args, **kwargs)
+                    finally:
+                        worker.weights_changed = True  # even a failed update may have rolled weights back
+
+                return update
+
+        self.model_runner.weight_updater = NotifyingUpdater(self.model_runner.weight_updater)
+
+    def update_weights_from_disk(self, recv_req):
+        self.refresh_drafts()
+        return True, "Succeeded to update model weights."
+
+    def update_weights_from_tensor(self, recv_req):
+        result = self.target_worker.update_weights_from_tensor(recv_req)
+        self.refresh_drafts()
+        return result
+
+    # ---- one scheduler step ----------------------------------------------------------------
+
+    def forward_batch_generation(self, batch, on_publish=None):
+        from sglang.srt.managers.scheduler import GenerationBatchResult
+
+        if self.weights_changed:
+            self.refresh_drafts()
+        bs = len(batch.reqs)
+        if not batch.forward_mode.is_decode():  # prefill: a plain target forward
+            out = self.target_worker.forward_batch_generation(batch)
+            return self._result(GenerationBatchResult, out.logits_output, out.next_token_ids, out.next_token_ids[:, None],
+                                batch.seq_lens.clone(), torch.ones(bs, dtype=torch.int32, device=batch.seq_lens.device),
+                                out.can_run_cuda_graph)
+        k = self.gate.choose(bs, True, self.k_max) if self.enabled and _speculable(batch.sampling_info) else 0
+        t0 = time.perf_counter()
+        seq_lens = batch.seq_lens
+        self._committed = (seq_lens, batch.seq_lens_cpu)  # KV committed: every position before the root
+        slots = batch.req_to_token_pool.req_to_token[
+            batch.req_pool_indices[:, None], seq_lens[:, None] + torch.arange(k + 1, device=seq_lens.device)].long()
+        roots = torch.tensor([(r.output_ids or r.origin_input_ids)[-1] for r in batch.reqs], dtype=torch.int64,
+                             device=seq_lens.device)
+        if k == 0:
+            logits_output, tokens, cuda_graph = self._plain(batch, roots, slots[:, 0])
+            accept_lens = torch.ones(bs, dtype=torch.int32, device=seq_lens.device)
+            self._sync()
+            seconds = time.perf_counter() - t0
+            self.gate.observe_target(bs, seconds)
+            self._trace(bs, 0, 0, seconds)
+            return self._result(GenerationBatchResult, logits_output, tokens, tokens[:, None], seq_lens + 1, accept_lens, cuda_graph)
+        params = _sampling_rows(batch.sampling_info, self.model_runner.model_config.vocab_size)
+        drafts, draft_probs = self._draft(batch, roots, slots, k, params)
+        self._sync()
+        t1 = time.perf_counter()
+        logits_output, n, emitted, cuda_graph = self._verify(batch, roots, drafts, draft_probs, slots, k, params)
+        self._sync()
+        t2 = time.perf_counter()
+        self.gate.observe_draft(bs, (t1 - t0) / k)
+        self.gate.observe_verify(bs, k, t2 - t1)
+        for req in batch.reqs:
+            self.drafted[req.rid] = self.drafted.get(req.rid, 0) + k
+        accepted = int(n.sum())
+        self.gate.observe_acceptance(bs, k, accepted, int((n < k).sum()))
+        self._trace(bs, k, accepted, t2 - t0, t1 - t0)
+        accept_lens = (n + 1).to(torch.int32)
+        return self._result(GenerationBatchResult, logits_output, emitted.reshape(-1), emitted, seq_lens + accept_lens,
+                            accept_lens, cuda_graph, width=k + 1)
+
+    def _plain(self, batch, roots, slots):
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        self._decode_inputs(batch, roots, slots, 1)
+        batch.forward_mode = ForwardMode.DECODE
+        out = self.target_worker.forward_batch_generation(batch)
+        lo = out.logits_output
+        if lo.next_token_logprobs is not None:  # spec results carry one row of log-probs per request
+            lo.next_token_logprobs = lo.next_token_logprobs.view(-1, 1)
+        return lo, out.next_token_ids, out.can_run_cuda_graph
+
+    def _decode_inputs(self, batch, tokens, slots, ahead: int) -> None:
+        """The batch as a step over `tokens` into `slots`, with `ahead` tokens past the committed KV."""
+        seq_lens, seq_lens_cpu = self._committed
+        batch.input_ids, batch.out_cache_loc, batch.spec_info = tokens, slots.contiguous(), None
+        batch.seq_lens, batch.seq_lens_cpu = seq_lens + ahead, seq_lens_cpu + ahead
+        batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+
+    def _draft(self, batch, roots, slots, k, params):
+        global _drafting
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+        from ..sampling import filtered_probs, inverse_cdf, scaled_logprobs
+
+        tokens, drafts, probs = roots, [], []
+        graphs = self.model_runner.decode_cuda_graph_runner
+        self.model_runner.decode_cuda_graph_runner = None  # graphs hold the target's weights: drafts run eagerly
+        _drafting = True
+        try:
+            for j in range(k):
+                self._decode_inputs(batch, tokens, slots[:, j], j + 1)
+                batch.forward_mode = ForwardMode.DECODE
+                forward_batch = ForwardBatch.init_new(batch, self.model_runner, return_hidden_states_before_norm=False)
+                logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits.float()
+                tokens = logits.argmax(-1)
+                if params.any_sampled:
+                    q = filtered_probs(scaled_logprobs(logits, params.temperature), params)
+                    drawn = inverse_cdf(q, torch.rand(len(tokens), dtype=torch.float64, device=logits.device))
+                    tokens = torch.where(params.temperature > 0, drawn, tokens)
+                    probs.append(q)
+                drafts.append(tokens)
+        finally:
+            _drafting = False
+            self.model_runner.decode_cuda_graph_runner = graphs
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)
+
+    def _verify(self, batch, roots, drafts, draft_probs, slots, k, params):
+        from sglang.srt.layers.logprob_processor import compute_spec_logprobs
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        from ..sampling import filtered_probs, scaled_logprobs
+
+        bs, width = len(roots), k + 1
+        seq_lens = self._committed[0]
+        chain = torch.cat((roots[:, None], drafts), 1)  # [b, K+1]
+        self._decode_inputs(batch, chain.reshape(-1), slots.reshape(-1), 0)
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.seq_lens, batch.seq_lens_cpu = self._committed  # verify extends the committed KV
+        batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+        batch.spec_info = _chain_input(chain, seq_lens, width)
+        out = self.target_worker.forward_batch_generation(batch, is_verify=True)
+        logits = out.logits_output.next_token_logits.view(bs, width, -1)
+        target_probs = None
+        if params.any_sampled:
+            rows = params.repeat_rows(width)
+            target_probs = filtered_probs(scaled_logprobs(logits.reshape(bs * width, -1), rows.temperature), rows).view(bs, width, -1)
+        u = torch.rand(bs, 2 * width - 1, dtype=torch.float64, device=logits.device)
+        n, emitted = verify(drafts, draft_probs, target_probs, logits.argmax(-1), params.temperature == 0, u[:, :k], u[:, k:])
+        if batch.return_logprob:
+            compute_spec_logprobs(batch, out.logits_output, emitted.reshape(-1), chain_stride=width)
+        return out.logits_output, n, emitted, out.can_run_cuda_graph
+
+    def _result(self, result_cls, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
+        """A spec-v2 result; `next_draft_input` keeps the fixed layout SGLang filters and merges."""
+        from sglang.srt.speculative.ngram_info import NgramVerifyInput
+
+        bs = accept_tokens.shape[0]
+        padded = torch.zeros(bs, self.stride, dtype=torch.int64, device=accept_tokens.device)
+        padded[:, : accept_tokens.shape[1]] = accept_tokens
+        width = width or 1
+        return result_cls(
+            logits_output=logits_output, next_token_ids=next_token_ids, can_run_cuda_graph=cuda_graph, accept_lens=accept_lens,
+            new_seq_lens=new_seq_lens,
+            next_draft_input=NgramVerifyInput(draft_token_num=self.stride, new_seq_lens=new_seq_lens, accept_tokens=padded.flatten(),
+                                              accept_lens=accept_lens),
+            speculative_num_draft_tokens=width,
+        )
+
+    def _sync(self) -> None:
+        if self.device != "cpu" and torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+
+    def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:
+        drafted = self.drafted.pop(rid, 0)
+        if self.trace is not None:
+            self.trace.write(json.dumps({"rid": rid, "drafted": drafted}) + "\n")
+
+    def _trace(self, bs: int, k: int, accepted: int, seconds: float, draft_s: float = 0.0) -> None:
+        if self.trace is not None:
+            self.trace.write(json.dumps({"t": round(time.time(), 4), "batch": bs, "k": k, "accepted": accepted,
+                                         "s": round(seconds, 6), "draft_s": round(draft_s, 6)}) + "\n")
+
+
+_ChainInput = None
+
+
+def _chain_input(chain, seq_lens, width: int):
+    """SGLang's verify input for one chain of `width` tokens per request (no tree: causal masking)."""
+    global _ChainInput
+    from sglang.srt.speculative.ngram_info import NgramVerifyInput
+
+    if _ChainInput is None:
+        class ChainVerifyInput(NgramVerifyInput):
+            @property
+            def tree_topk(self) -> int:
+                return 1
+
+        _ChainInput = ChainVerifyInput
+    positions = (seq_lens[:, None] + torch.arange(width, device=seq_lens.device)).reshape(-1)
+    return _ChainInput(draft_token=chain.reshape(-1), positions=positions, draft_token_num=width, new_seq_lens=seq_lens)
