@@ -5,6 +5,7 @@ downloads, concurrent publishes that conflict cleanly, and client-side error cla
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import socket
 import threading
@@ -82,6 +83,55 @@ def test_unauthenticated_wrong_checksum_and_corrupt_uploads_store_nothing(policy
     assert store.versions() == [1] and PolicyClient(url).latest() == 1
 
 
+def _layers(n: int = 6) -> dict[str, torch.Tensor]:
+    return {f"model.layers.{i}.w": torch.randn(128, 256, generator=torch.Generator().manual_seed(i)) for i in range(n)}  # 128 KiB each
+
+
+def test_a_large_policy_travels_in_verified_shards(policy_server, tmp_path):
+    url, store, redis_url = policy_server
+    state = _layers()
+    publisher = PolicyPublisher(url, "s3cret", shard_bytes=300_000)  # two tensors per shard
+    assert publisher.publish(state) == 1
+    assert publisher.last_upload["shards"] == 3 and publisher.last_upload["sent"] == 3
+    names = [f.name for f in store.manifest(1).files]
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    store.verify(1)
+    got = read_state_dict(PolicyClient(url, "r3ad").download(1, tmp_path / "dl"))  # a directory of shards
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+    assert int(redis.Redis.from_url(redis_url).get(RedisKeys().policy_latest)) == 1
+    assert not any((store.root / ".uploads").iterdir())  # the session is gone once committed
+
+
+def test_an_interrupted_publish_resumes_with_only_the_missing_shards(policy_server):
+    from safetensors.torch import save
+
+    url, store, _ = policy_server
+    auth = {"Authorization": "Bearer s3cret"}
+    state = _layers()
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    keys = list(state)
+    # a publisher that died after its first shard (and one corrupt attempt at the second)
+    upload = httpx.post(f"{url}/v1/uploads", headers=auth).json()["upload"]
+    first = save({k: state[k] for k in keys[:2]})
+    digest = hashlib.sha256(first).hexdigest()
+    assert httpx.put(f"{url}/v1/uploads/{upload}/{names[0]}", content=first, headers={**auth, "X-Sha256": digest}).status_code == 200
+    bad = httpx.put(f"{url}/v1/uploads/{upload}/{names[1]}", content=b"cut short", headers={**auth, "X-Sha256": digest})
+    assert bad.status_code == 400 and "checksum" in bad.json()["error"]
+    assert list(httpx.get(f"{url}/v1/uploads/{upload}", headers=auth).json()["files"]) == [names[0]]
+    # committing now is refused: a version is all of its shards or nothing
+    r = httpx.post(f"{url}/v1/uploads/{upload}/commit", json={"files": {n: digest for n in names}}, headers=auth)
+    assert r.status_code == 400 and store.versions() == []
+    for name in ("../evil", "model-00004-of-00003.safetensors", "weights.bin"):
+        assert httpx.put(f"{url}/v1/uploads/{upload}/{name}", content=b"x", headers={**auth, "X-Sha256": digest}).status_code >= 400
+    assert httpx.post(f"{url}/v1/uploads").status_code == 401
+    assert httpx.get(f"{url}/v1/uploads/{upload}", headers={"Authorization": "Bearer r3ad"}).status_code == 401
+    publisher = PolicyPublisher(url, "s3cret", shard_bytes=300_000)
+    assert publisher.publish(state, resume=upload) == 1
+    assert publisher.last_upload == {"upload": upload, "shards": 3, "sent": 2, "skipped": 1}
+    got = read_state_dict(store.root / "v1")
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
 def test_download_resumes_a_partial_file(policy_server, tmp_path):
     url, store, _ = policy_server
     PolicyPublisher(url, "s3cret").publish({"w": torch.randn(1000)})
@@ -139,7 +189,8 @@ def test_concurrent_publishes_of_one_version_conflict_cleanly(policy_server):
         errors = [o for o in outcomes if isinstance(o, Exception)]
         assert all("409" in str(e) for e in errors), errors  # a clear conflict, never a 500
         assert len(errors) >= 1 and store.versions() == [5]
-    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]  # no debris
+    debris = [p for p in store.root.rglob(".*") if not (p.name == ".uploads" and p.is_dir())]
+    assert not debris and not any((store.root / ".uploads").iterdir())  # no leftovers, not even the losers' shards
     r = httpx.post(f"{url}/v1/versions?version=5", content=store.path(5).read_bytes(), headers={"Authorization": "Bearer s3cret"})
     assert r.status_code == 409 and "not newer" in r.json()["error"]
 

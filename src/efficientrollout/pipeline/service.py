@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -180,8 +181,8 @@ class EngineService:
             path = await anyio.to_thread.run_sync(self.policy.download, latest, self._downloads)
             try:
                 await engine_thread().run(self.engine.update_weights, path, latest)
-            finally:
-                path.unlink(missing_ok=True)
+            finally:  # one file, or a directory of shards
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving
             self.metrics.weight_update_failures += 1
             if not isinstance(exc, PolicyUnavailable):  # refused (4xx), bad bytes, misfit tensors: never retried

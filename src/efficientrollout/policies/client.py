@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,13 +16,17 @@ import torch
 
 from .store import (
     WEIGHTS_FILE,
+    FileEntry,
     PolicyError,
     PolicyUnavailable,
     WeightManifest,
-    save_state_dict,
+    shard_name,
     sha256_file,
     sha256_of,
+    split_shards,
 )
+
+SHARD_BYTES = 1 << 30  # a publish travels as safetensors shards of at most this many bytes
 
 
 class PolicyPublisher:
@@ -31,18 +34,72 @@ class PolicyPublisher:
 
     `dtype`: the precision weights travel in; floating-point tensors are cast to it before
     upload. Give the engines' dtype (bf16 engines load bf16 anyway) to halve what fp32 weights
-    cost to serialize, hash, upload, download and load. None sends them as they are."""
+    cost to serialize, hash, upload, download and load. None sends them as they are.
 
-    def __init__(self, url: str, token: str, timeout: float = 300.0, dtype: torch.dtype | None = None):
+    Weights travel as safetensors shards of at most `shard_bytes` (one in memory at a time),
+    each verified by the server as it arrives and retried on its own; the version appears
+    atomically once every shard is in. A publish that fails anyway raises with its upload id
+    (`exc.upload`): `publish(state, resume=exc.upload)` sends only the shards still missing."""
+
+    def __init__(self, url: str, token: str, timeout: float = 300.0, dtype: torch.dtype | None = None,
+                 shard_bytes: int = SHARD_BYTES, retries: int = 3):
         self.url, self.token, self.timeout, self.dtype = url.rstrip("/"), token, timeout, dtype
+        self.shard_bytes, self.retries = shard_bytes, retries
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.last_upload: dict = {}  # the last publish: upload id, shards sent and skipped
 
-    def publish(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> int:
+    def publish(self, state: Mapping[str, torch.Tensor], version: int | None = None, resume: str | None = None) -> int:
+        from safetensors.torch import save
+
         if self.dtype is not None:
             state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / WEIGHTS_FILE
-            save_state_dict(state, path)
-            return self.publish_file(path, version)
+        shards = split_shards(state, self.shard_bytes)
+        names = [WEIGHTS_FILE] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(len(shards))]
+        upload = resume or self._call("POST", "/v1/uploads").json()["upload"]
+        have = self._call("GET", f"/v1/uploads/{upload}", upload).json()["files"]
+        digests, sent = {}, 0
+        for name, tensors in zip(names, shards):
+            data = save(tensors)
+            digests[name] = hashlib.sha256(data).hexdigest()
+            if have.get(name, {}).get("sha256") != digests[name]:
+                self._put_shard(upload, name, data, digests[name])
+                sent += 1
+        self.last_upload = {"upload": upload, "shards": len(names), "sent": sent, "skipped": len(names) - sent}
+        query = f"?version={version}" if version is not None else ""
+        return int(self._call("POST", f"/v1/uploads/{upload}/commit{query}", upload, json={"files": digests}).json()["version"])
+
+    def _call(self, method: str, path: str, upload: str | None = None, **kwargs) -> httpx.Response:
+        try:
+            r = httpx.request(method, f"{self.url}{path}", headers=self.headers, timeout=self.timeout, **kwargs)
+        except httpx.TransportError as exc:
+            raise _with_upload(PolicyUnavailable(f"publish failed: {exc}"), upload) from exc
+        if r.status_code != 200:
+            try:
+                detail = r.json().get("error", r.text)
+            except ValueError:
+                detail = r.text
+            raise _with_upload(PolicyError(f"publish rejected ({r.status_code}): {detail}"), upload)
+        return r
+
+    def _put_shard(self, upload: str, name: str, data: bytes, digest: str) -> None:
+        """One shard, verified by the server as it arrives; connection trouble retries this shard only."""
+        url = f"{self.url}/v1/uploads/{upload}/{name}"
+        for attempt in range(self.retries + 1):
+            # urllib moves bulk bytes faster than httpx here
+            req = urllib.request.Request(url, data=data, method="PUT", headers={
+                **self.headers, "X-Sha256": digest, "Content-Type": "application/octet-stream"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    r.read()
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500:
+                    raise _with_upload(PolicyError(f"{name} rejected ({exc.code}): {exc.read().decode(errors='replace')}"), upload) from None
+                error = exc
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
+                error = exc
+            time.sleep(0.2 * (attempt + 1))
+        raise _with_upload(PolicyUnavailable(f"{name}: {error} after {self.retries + 1} attempts"), upload)
 
     def publish_file(self, path: Path, version: int | None = None) -> int:
         auth = httpx.get(f"{self.url}/v1/auth", headers={"Authorization": f"Bearer {self.token}"}, timeout=self.timeout)
@@ -97,11 +154,21 @@ class PolicyClient:
         return r
 
     def download(self, version: int, dest: Path) -> Path:
-        """Fetch the version's weights into `dest` (a directory); verified against the manifest."""
-        entry = next(f for f in self.manifest(version).files if f.name == WEIGHTS_FILE)
+        """Fetch the version's weights into `dest` (a directory), each file verified against the
+        manifest: the file itself for a one-file version, else a directory of its shards."""
+        files = self.manifest(version).files
         dest.mkdir(parents=True, exist_ok=True)
-        path = dest / f"v{version}.{WEIGHTS_FILE}"
-        url = f"{self.url}/v1/versions/{version}/files/{WEIGHTS_FILE}"
+        if [f.name for f in files] == [WEIGHTS_FILE]:
+            return self._fetch(version, files[0], dest / f"v{version}.{WEIGHTS_FILE}")
+        folder = dest / f"v{version}"
+        folder.mkdir(exist_ok=True)
+        for entry in files:
+            self._fetch(version, entry, folder / entry.name)
+        return folder
+
+    def _fetch(self, version: int, entry: FileEntry, path: Path) -> Path:
+        """One file, resumed after a cut, verified against its sha256."""
+        url = f"{self.url}/v1/versions/{version}/files/{entry.name}"
         for attempt in range(self.retries + 1):
             have = path.stat().st_size if path.exists() else 0
             digest = hashlib.sha256()
@@ -131,7 +198,12 @@ class PolicyClient:
             if path.stat().st_size == entry.size and got == entry.sha256:
                 return path
             path.unlink()  # wrong bytes: start over
-        raise PolicyError(f"version {version}: download does not match its sha256 after {self.retries + 1} attempts")
+        raise PolicyError(f"version {version}: {entry.name} does not match its sha256 after {self.retries + 1} attempts")
+
+
+def _with_upload(exc: Exception, upload: str | None) -> Exception:
+    exc.upload = upload  # what `publish(..., resume=...)` continues
+    return exc
 
 
 def _raise_for_status(what: str, status: int, body: str) -> None:

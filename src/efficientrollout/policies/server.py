@@ -8,6 +8,13 @@ GET  /v1/auth                            → 200 if the publish token is right, 
                                            (a publisher checks before sending gigabytes)
 POST /v1/versions[?version=N]            → publish (body: a safetensors file; optional   [publish]
                                            X-Sha256 header); 409 if that version exists
+Sharded publish (large policies; each shard resumable on its own):
+POST /v1/uploads                         → {"upload": id}: an upload session            [publish]
+PUT  /v1/uploads/{id}/{name}             → one shard (X-Sha256 required; verified as it [publish]
+                                           arrives, kept only if it matches)
+GET  /v1/uploads/{id}                    → the shards received: {name: {size, sha256}}  [publish]
+POST /v1/uploads/{id}/commit[?version=N] → body {"files": {name: sha256}}: all shards    [publish]
+                                           present and matching → one atomic version
 [read]: `Authorization: Bearer <read token or publish token>`; [publish]: the publish token.
 Weights are a team's most valuable artefact: nothing about them leaves without a token, and a
 refused request learns nothing but that it was refused (401).
@@ -20,7 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
+import secrets
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import anyio.to_thread
@@ -31,7 +43,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..queue.keys import RedisKeys
-from .store import PolicyConflict, PolicyError, PolicyStore
+from .store import PolicyConflict, PolicyError, PolicyStore, valid_file_name
+
+UPLOAD_TTL_S = 24 * 3600  # an abandoned upload session is removed after a day
 
 
 class _BigChunkFileResponse(FileResponse):
@@ -72,6 +86,105 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         return _BigChunkFileResponse(path, media_type="application/octet-stream")
 
     publishers = [f"Bearer {token}".encode()]
+    uploads = store.root / ".uploads"
+
+    async def receive(request: Request, dest: Path) -> str:
+        """Stream the body to `dest`, hashing as it arrives (one pass over the bytes); its sha256."""
+        digest = hashlib.sha256()
+        with open(dest, "wb") as f:
+            async for chunk in request.stream():
+                digest.update(chunk)
+                f.write(chunk)
+        return digest.hexdigest()
+
+    async def announce(version: int) -> None:
+        if redis_url:
+            import redis.asyncio as aioredis
+
+            keys, client = RedisKeys(prefix), aioredis.from_url(redis_url)
+            try:
+                await client.set(keys.policy_latest, version)
+                await client.publish(keys.policy_channel, version)
+            finally:
+                await client.aclose()
+
+    def session(request: Request) -> Path | None:
+        upload = request.path_params["upload"]
+        path = uploads / upload
+        return path if re.fullmatch(r"[A-Za-z0-9_-]{16,64}", upload) and path.is_dir() else None
+
+    def received(path: Path) -> dict[str, dict]:
+        return {p.name: json.loads(p.with_suffix(".json").read_text()) for p in path.glob("*.safetensors")
+                if p.with_suffix(".json").is_file()}
+
+    async def begin_upload(request: Request) -> Response:
+        if denied := refused(request, publishers):
+            return denied
+        uploads.mkdir(exist_ok=True)
+        for old in uploads.iterdir():  # abandoned sessions
+            if time.time() - old.stat().st_mtime > UPLOAD_TTL_S:
+                shutil.rmtree(old, ignore_errors=True)
+        upload = secrets.token_urlsafe(18)
+        (uploads / upload).mkdir()
+        return JSONResponse({"upload": upload})
+
+    async def put_shard(request: Request) -> Response:
+        if denied := refused(request, publishers):
+            return denied
+        path, name = session(request), request.path_params["name"]
+        if path is None:
+            return JSONResponse({"error": "no such upload session"}, status_code=404)
+        if not valid_file_name(name):
+            return JSONResponse({"error": f"{name!r} is not model.safetensors or a shard model-0000i-of-0000K.safetensors"},
+                                status_code=400)
+        expected = request.headers.get("x-sha256")
+        if not expected:
+            return JSONResponse({"error": "X-Sha256 is required for a shard"}, status_code=400)
+        part = path / f".{name}.part"
+        digest = await receive(request, part)
+        if digest != expected:
+            part.unlink(missing_ok=True)
+            return JSONResponse({"error": f"{name}: checksum mismatch: got {digest}, expected {expected}"}, status_code=400)
+        info = {"size": part.stat().st_size, "sha256": digest}
+        part.replace(path / name)
+        (path / name).with_suffix(".json").write_text(json.dumps(info))
+        return JSONResponse({"name": name, **info})
+
+    async def upload_status(request: Request) -> Response:
+        if denied := refused(request, publishers):
+            return denied
+        path = session(request)
+        if path is None:
+            return JSONResponse({"error": "no such upload session"}, status_code=404)
+        return JSONResponse({"files": received(path)})
+
+    async def commit(request: Request) -> Response:
+        if denied := refused(request, publishers):
+            return denied
+        path = session(request)
+        if path is None:
+            return JSONResponse({"error": "no such upload session"}, status_code=404)
+        try:
+            wanted = dict(json.loads(await request.body())["files"])
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": 'the body must be {"files": {name: sha256}}'}, status_code=400)
+        have = received(path)
+        wrong = sorted(n for n, digest in wanted.items() if have.get(n, {}).get("sha256") != digest)
+        if wrong or set(have) - set(wanted):
+            return JSONResponse({"error": f"shards missing or not matching: {wrong}; not asked for: {sorted(set(have) - set(wanted))}"},
+                                status_code=400)
+        version = request.query_params.get("version")
+        try:
+            stored = await anyio.to_thread.run_sync(lambda: store.publish_files(
+                {n: (path / n, d) for n, d in wanted.items()}, int(version) if version else None, move=True))
+        except PolicyConflict as exc:  # another publish won that version: this upload can never land
+            shutil.rmtree(path, ignore_errors=True)
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        except (PolicyError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        shutil.rmtree(path, ignore_errors=True)
+        await announce(stored)
+        return JSONResponse({"version": stored})
 
     async def check_token(request: Request) -> Response:
         return refused(request, publishers) or JSONResponse({"ok": True})
@@ -82,27 +195,15 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         version = request.query_params.get("version")
         with tempfile.TemporaryDirectory(dir=store.root, prefix=".upload.") as tmp:
             upload = Path(tmp) / "upload.safetensors"
-            digest = hashlib.sha256()  # hashed as it arrives: one pass over the bytes, not two
-            with open(upload, "wb") as f:
-                async for chunk in request.stream():
-                    digest.update(chunk)
-                    f.write(chunk)
+            digest = await receive(request, upload)
             try:  # in a thread: downloads by other engines go on meanwhile
                 stored = await anyio.to_thread.run_sync(lambda: store.publish_file(
-                    upload, int(version) if version else None, request.headers.get("x-sha256"), digest=digest.hexdigest(), move=True))
+                    upload, int(version) if version else None, request.headers.get("x-sha256"), digest=digest, move=True))
             except PolicyConflict as exc:
                 return JSONResponse({"error": str(exc)}, status_code=409)
             except (PolicyError, ValueError) as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
-        if redis_url:
-            import redis.asyncio as aioredis
-
-            keys, client = RedisKeys(prefix), aioredis.from_url(redis_url)
-            try:
-                await client.set(keys.policy_latest, stored)
-                await client.publish(keys.policy_channel, stored)
-            finally:
-                await client.aclose()
+        await announce(stored)
         return JSONResponse({"version": stored})
 
     return Starlette(routes=[
@@ -112,4 +213,9 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         Route("/v1/versions/{version:int}/files/{name}", file),
         Route("/v1/versions", publish, methods=["POST"]),
         Route("/v1/auth", check_token),
+        Route("/v1/uploads", begin_upload, methods=["POST"]),
+        Route("/v1/uploads/{upload}", upload_status),
+        Route("/v1/uploads/{upload}/commit", commit, methods=["POST"]),
+        Route("/v1/uploads/{upload}/{name}", put_shard, methods=["PUT"]),
     ])
+

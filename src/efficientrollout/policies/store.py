@@ -1,14 +1,17 @@
 """Versioned weight snapshots on disk: the policy server's storage.
 
-Layout: `<root>/v<N>/{model.safetensors, manifest.json}`. A version becomes visible only by
-an atomic rename of a fully written and verified temporary directory, so a half-written or
-corrupt upload is never served. Versions strictly increase; the newest `keep` are kept.
+Layout: `<root>/v<N>/{model.safetensors | model-00001-of-0000K.safetensors ..., manifest.json}`
+(one file, or shards: a large policy never has to travel as one body or sit in one file in
+memory). A version becomes visible only by an atomic rename of a fully written and verified
+temporary directory, so a half-written or corrupt upload is never served. Versions strictly
+increase; the newest `keep` are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,6 +24,28 @@ import torch
 from ..protocol import FileEntry, WeightManifest
 
 WEIGHTS_FILE = "model.safetensors"
+_SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def valid_file_name(name: str) -> bool:
+    m = _SHARD.fullmatch(name)
+    return name == WEIGHTS_FILE or (m is not None and 1 <= int(m.group(1)) <= int(m.group(2)))
+
+
+def check_file_names(names: list[str]) -> None:
+    """A version is `model.safetensors`, or shards `model-0000i-of-0000K.safetensors` for i = 1..K."""
+    if names == [WEIGHTS_FILE]:
+        return
+    parsed = [_SHARD.fullmatch(n) for n in names]
+    if not names or not all(parsed):
+        raise PolicyError(f"files must be {WEIGHTS_FILE} or shards model-0000i-of-0000K.safetensors, got {sorted(names)}")
+    count = int(parsed[0].group(2))
+    if sorted(int(m.group(1)) for m in parsed) != list(range(1, count + 1)) or {int(m.group(2)) for m in parsed} != {count}:
+        raise PolicyError(f"shards must be 1..K of K, each once: got {sorted(names)}")
 
 
 class PolicyError(ValueError):
@@ -49,12 +74,10 @@ def sha256_file(path: Path) -> str:
     return sha256_of(path).hexdigest()
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write HF-named tensors to one safetensors file (CPU, contiguous). Tensors that share
-    memory (tied embeddings: `lm_head.weight` is `model.embed_tokens.weight`) are written once,
-    under the first name, as `model.state_dict()` of a tied model needs."""
-    from safetensors.torch import save_file
-
+def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF-named tensors as contiguous CPU tensors, each stored once: tensors that share memory
+    (tied embeddings: `lm_head.weight` is `model.embed_tokens.weight`) keep the first name, as
+    `model.state_dict()` of a tied model needs."""
     out, seen = {}, set()
     for name, t in state.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
@@ -62,7 +85,28 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
             continue
         seen.add(key)
         out[name] = t.detach().contiguous().cpu()
-    save_file(out, path)
+    return out
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write HF-named tensors to one safetensors file (shared tensors once, see unique_tensors)."""
+    from safetensors.torch import save_file
+
+    save_file(unique_tensors(state), path)
+
+
+def split_shards(state: Mapping[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive groups of tensors of at most `shard_bytes` each (a larger tensor alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in unique_tensors(state).items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
 
 
 class PolicyStore:
@@ -103,29 +147,37 @@ class PolicyStore:
         """Store an uploaded safetensors file as the next version (or `version`, if larger).
         `digest`: its sha256 if the caller already hashed it while receiving; `move`: take the
         file (same filesystem) instead of copying it."""
+        digest = digest or sha256_file(file)
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise PolicyError(f"checksum mismatch: got {digest}, expected {expected_sha256}")
+        return self.publish_files({WEIGHTS_FILE: (file, digest)}, version, move)
+
+    def publish_files(self, files: Mapping[str, tuple[Path, str]], version: int | None = None, move: bool = False) -> int:
+        """Store `{name: (path, sha256)}` (one file or all shards, hashed by the caller as they
+        arrived) as the next version (or `version`, if larger), atomically."""
         from safetensors import safe_open
 
+        check_file_names(list(files))
         latest = self.latest() or 0
         version = latest + 1 if version is None else version
         if version <= latest:
             raise PolicyConflict(f"version {version} is not newer than the latest ({latest})")
-        digest = digest or sha256_file(file)
-        if expected_sha256 is not None and digest != expected_sha256:
-            raise PolicyError(f"checksum mismatch: got {digest}, expected {expected_sha256}")
-        try:
-            with safe_open(file, framework="pt") as f:
-                if not list(f.keys()):
-                    raise PolicyError("the upload holds no tensors")
-        except PolicyError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
-            raise PolicyError(f"the upload is not a readable safetensors file: {exc}") from exc
+        tensors = 0
+        for name, (file, _) in files.items():
+            try:
+                with safe_open(file, framework="pt") as f:
+                    tensors += len(list(f.keys()))
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
+                raise PolicyError(f"{name}: not a readable safetensors file: {exc}") from exc
+        if not tensors:
+            raise PolicyError("the upload holds no tensors")
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".stage."))
         try:
-            size = file.stat().st_size
-            (os.replace if move else shutil.copyfile)(file, staging / WEIGHTS_FILE)
-            manifest = WeightManifest(version, time.time(), [FileEntry(WEIGHTS_FILE, size, digest)])
-            (staging / "manifest.json").write_bytes(msgspec.json.encode(manifest))
+            entries = []
+            for name, (file, digest) in sorted(files.items()):
+                entries.append(FileEntry(name, file.stat().st_size, digest))
+                (os.replace if move else shutil.copyfile)(file, staging / name)
+            (staging / "manifest.json").write_bytes(msgspec.json.encode(WeightManifest(version, time.time(), entries)))
             try:  # atomic: the version appears whole or not at all
                 os.rename(staging, self.root / f"v{version}")
             except OSError as exc:  # a concurrent publish took this number first (the target exists)
