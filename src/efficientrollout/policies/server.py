@@ -108,10 +108,15 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
             finally:
                 await client.aclose()
 
-    def session(request: Request) -> Path | None:
+    def session(request: Request) -> Path | Response:
+        """The request's upload session directory, or the response refusing the request."""
+        if denied := refused(request, publishers):
+            return denied
         upload = request.path_params["upload"]
         path = uploads / upload
-        return path if re.fullmatch(r"[A-Za-z0-9_-]{16,64}", upload) and path.is_dir() else None
+        if re.fullmatch(r"[A-Za-z0-9_-]{16,64}", upload) and path.is_dir():
+            return path
+        return JSONResponse({"error": "no such upload session"}, status_code=404)
 
     def received(path: Path) -> dict[str, dict]:
         return {p.name: json.loads(p.with_suffix(".json").read_text()) for p in path.glob("*.safetensors")
@@ -129,11 +134,9 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         return JSONResponse({"upload": upload})
 
     async def put_shard(request: Request) -> Response:
-        if denied := refused(request, publishers):
-            return denied
         path, name = session(request), request.path_params["name"]
-        if path is None:
-            return JSONResponse({"error": "no such upload session"}, status_code=404)
+        if isinstance(path, Response):
+            return path
         if not valid_file_name(name):
             return JSONResponse({"error": f"{name!r} is not model.safetensors or a shard model-0000i-of-0000K.safetensors"},
                                 status_code=400)
@@ -151,19 +154,15 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         return JSONResponse({"name": name, **info})
 
     async def upload_status(request: Request) -> Response:
-        if denied := refused(request, publishers):
-            return denied
         path = session(request)
-        if path is None:
-            return JSONResponse({"error": "no such upload session"}, status_code=404)
+        if isinstance(path, Response):
+            return path
         return JSONResponse({"files": received(path)})
 
     async def commit(request: Request) -> Response:
-        if denied := refused(request, publishers):
-            return denied
         path = session(request)
-        if path is None:
-            return JSONResponse({"error": "no such upload session"}, status_code=404)
+        if isinstance(path, Response):
+            return path
         try:
             wanted = dict(json.loads(await request.body())["files"])
         except (ValueError, KeyError, TypeError):
