@@ -2,11 +2,12 @@
 
 A fleet of --engines engine processes with the bundled model (speculation on, so the drafter
 is re-quantized too) sits idle; the trainer side publishes --rounds new versions with
-`PolicyPublisher.publish(state_dict)`, in each transport dtype in turn (fp32 as the trainer
+`PolicyPublisher.publish(state_dict)` (in shards of --shard-mb), in each transport dtype in turn (fp32 as the trainer
 holds them, and the engines' own dtype). For each: the publish call's time (serialize, hash,
 upload, server-side verify and atomic store), and the time from the start of the publish until
-each engine reports the new version on /healthz (its poll, download with sha256, load in place,
-re-quantize). The engines' own figure for download + load + re-quantize comes from /metrics.
+each engine reports the new version on /healthz (its poll, download with sha256, load in place;
+the drafter is re-quantized right after, while the engine is idle, or before its first draft).
+The engines' own figure for download + load comes from /metrics.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--speculation", default="adaptive")
     ap.add_argument("--transport-dtypes", default="float32,auto",
                     help="compared in one run; auto: the engines' dtype (bf16 where the CPU has native bf16)")
+    ap.add_argument("--shard-mb", type=float, default=None, help="publish in shards of this size (default: the publisher's, 1 GiB)")
     a = ap.parse_args()
     base = read_state_dict(resolve_model(a.model))
     size_mb = sum(t.numel() * t.element_size() for t in base.values()) / 1e6
@@ -55,7 +57,8 @@ def main() -> None:
         urls = [e.metrics for e in fleet.status()["engines"]]
         for step in range(a.rounds):
             for dtype in transports:  # interleaved: this machine's speed drifts between minutes
-                publisher = PolicyPublisher(fleet.policy_url, fleet.token, dtype=dtype)
+                shards = {} if a.shard_mb is None else {"shard_bytes": int(a.shard_mb * 1e6)}
+                publisher = PolicyPublisher(fleet.policy_url, fleet.token, dtype=dtype, **shards)
                 state = {k: v + 1e-3 * v * torch.randn_like(v) for k, v in base.items()}
                 t0 = time.perf_counter()
                 version = publisher.publish(state)
@@ -66,10 +69,11 @@ def main() -> None:
                         if url not in served and engine_version(url) == version:
                             served[url] = time.perf_counter() - t0
                     time.sleep(0.01)
-                row = {"version": version, "transport": str(dtype).removeprefix("torch."), "publish_s": round(publish_s, 2),
+                row = {"version": version, "transport": str(dtype).removeprefix("torch."), "shards": publisher.last_upload["shards"],
+                       "publish_s": round(publish_s, 2),
                        "all_serving_s": round(max(served.values()), 2),
                        "after_publish_returned_s": round(max(served.values()) - publish_s, 2),
-                       "engine_download_load_requantize_s": [round(update_seconds(u), 2) for u in urls]}
+                       "engine_download_load_s": [round(update_seconds(u), 2) for u in urls]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     by = {}

@@ -44,6 +44,10 @@ class Engine(Protocol):
         """Load new weights between waves (old ones keep serving if they do not fit)."""
         ...
 
+    def settle(self) -> None:
+        """Finish, while idle, what update_weights deferred (the drafter's re-quantization)."""
+        ...
+
     def close(self) -> None:
         """Release what the engine owns beyond this process (a server it started)."""
         ...

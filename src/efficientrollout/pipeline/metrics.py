@@ -32,7 +32,7 @@ _HELP = {
     "tokens_per_second": ("gauge", "output tokens per second over the last wave"),
     "acceptance_rate": ("gauge", "accepted / drafted tokens since start"),
     "speculated_fraction": ("gauge", "fraction of decode steps that speculated since start"),
-    "last_weight_update_seconds": ("gauge", "download + load + re-quantize time of the last update"),
+    "last_weight_update_seconds": ("gauge", "download + load time of the last update (the drafter re-quantizes after, while idle)"),
     "queue_waiting": ("gauge", "requests waiting in the queue"),
     "queue_pending": ("gauge", "requests claimed by workers and not finished"),
     "queue_lag_seconds": ("gauge", "how long the oldest waiting request has waited"),

@@ -1,10 +1,12 @@
 """The long-running engine process behind `efficientrollout engine`.
 
 Between waves it asks the policy server for a newer version; if there is one it downloads
-it (sha256-verified, resumable), loads it in place and re-quantizes the drafter. Any failure
-there keeps the old version serving and is logged (and counted in the metrics). Then it
-claims a wave and serves it (WaveWorker). The lifecycle is the one RL frameworks use: pause
-(between waves) → load → re-quantize → resume; every result names the version that made it.
+it (sha256-verified, resumable), loads it in place, reports it, and then re-quantizes the
+drafter while idle (`Engine.settle`; a wave that starts first re-quantizes before its first
+draft). Any failure there keeps the old version serving and is logged (and counted in the
+metrics). Then it claims a wave and serves it (WaveWorker). The lifecycle is the one RL
+frameworks use: pause (between waves) → load → resume; every result names the version that
+made it.
 
 Operations: a heartbeat hash `<prefix>:engines:<id>` (expires when the process dies) feeds
 `efficientrollout status`; each wave's step trace goes to `<prefix>:trace` (capped) for
@@ -193,8 +195,9 @@ class EngineService:
         self.metrics.weight_updates += 1
         self.metrics.policy_version = self.engine.version
         self.metrics.last_weight_update_seconds = time.perf_counter() - t0
-        log.info("now serving policy version %d (download + load + re-quantize %.2fs)", latest, self.metrics.last_weight_update_seconds)
+        log.info("now serving policy version %d (download + load %.2fs)", latest, self.metrics.last_weight_update_seconds)
         await self._beat()  # tell `status` (and trainers waiting for the version) now, not at the next beat
+        await engine_thread().run(self.engine.settle)  # deferred work (re-quantization) while idle
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

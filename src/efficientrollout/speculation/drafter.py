@@ -160,6 +160,12 @@ class Drafter:
                     self.linears.append(q)
         self.decoder.invalidate_fused()  # the copy must not reuse the target's fused layers
         self.requantize_s = 0.0
+        self.stale = False  # the target's weights changed since the last requantize()
+
+    def ensure_fresh(self) -> None:
+        """Re-quantize if the target's weights changed: before any draft, never from old weights."""
+        if self.stale:
+            self.requantize()
 
     def requantize(self) -> float:
         """Re-derive every quantized weight from the live target weights; returns seconds."""
@@ -167,5 +173,6 @@ class Drafter:
         for q in self.linears:
             q.requantize()
         self.decoder.invalidate_fused()
+        self.stale = False
         self.requantize_s = time.perf_counter() - t0
         return self.requantize_s

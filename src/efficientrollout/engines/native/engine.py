@@ -156,10 +156,15 @@ class NativeEngine:
         else:
             state, source = read_state_dict(weights), str(weights)
         load_weights(self.decoder, dict(state), source)
-        if self.drafter is not None:
-            self.drafter.requantize()  # the drafter follows the live weights
+        if self.drafter is not None:  # re-quantized in settle() while idle, or before its first draft
+            self.drafter.stale = True
         self.version = version
         return time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Re-quantize the drafter after a weight update, off the update's critical path."""
+        if self.drafter is not None and not self._generating:
+            self.drafter.ensure_fresh()
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -258,6 +263,8 @@ class NativeEngine:
             self.trace.append(StepRecord(t0 - self._wave_t0, b, 0, 0, 0, b, seconds))
             yield from retired
             return
+        self.drafter.ensure_fresh()  # weights updated and not settled yet: never draft from old weights
+        t0 = time.perf_counter()
         params = self._sampling_batch(running)
         out = speculative_step(
             self.runner, self.drafter.decoder, last_tokens, last_positions, [s.seed for s in running], params, k,

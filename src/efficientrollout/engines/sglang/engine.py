@@ -163,6 +163,9 @@ class SGLangEngine:
             shutil.rmtree(previous, ignore_errors=True)
         return time.perf_counter() - t0
 
+    def settle(self) -> None:
+        """Nothing deferred: SGLang re-derives our draft as it loads the weights."""
+
     def _post(self, path: str, body: dict) -> dict:
         r = self.http.post(f"{self.server.url}{path}", json=body, timeout=self.sglang.sglang_startup_timeout_s)
         try:
