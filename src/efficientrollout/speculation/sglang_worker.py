@@ -51,7 +51,7 @@ log = logging.getLogger("efficientrollout.sglang")
 
 _drafting = False  # True while a draft forward runs: the patched linears use their int8 copies
 _loads = itertools.count(1)  # stamps of draft derivations
-_patched = False
+_target_apply = None  # SGLang's own UnquantizedLinearMethod.apply, once patched
 
 
 def register() -> None:
@@ -137,15 +137,15 @@ def derive_draft(layer, weight, apply) -> None:
 
 
 def _patch_sglang() -> None:
-    global _patched
-    if _patched:
+    global _target_apply
+    if _target_apply is not None:
         return
-    _patched = True
     from sglang.srt.layers.logits_processor import LogitsProcessor
     from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
     load, apply, lm_head = (UnquantizedLinearMethod.process_weights_after_loading, UnquantizedLinearMethod.apply,
                             LogitsProcessor._compute_lm_head)
+    _target_apply = apply
 
     def process_weights_after_loading(self, layer):
         if _enabled() and getattr(layer, "weight", None) is not None and layer.weight.dim() == 2:
@@ -228,19 +228,17 @@ class SelfDraftWorker(_worker_base()):
     def refresh_drafts(self) -> None:
         """Every draft layer derived from the weights now loaded; the LM head here, the linears
         when SGLang processed them (a layer it did not reload is re-derived from its weights)."""
-        from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
-
         model = self.model_runner.model
         head = getattr(model, "lm_head", None)
         if head is not None and getattr(head, "weight", None) is not None and not getattr(head, "use_intel_amx_backend", False):
-            derive_draft(head, head.weight, None)
+            derive_draft(head, head.weight, lambda x: torch.nn.functional.linear(x, head.weight))
         stale = [m for m in self._draft_layers() if m._er_draft_stamp <= self.stamp and m is not head]
         for layer in stale:
             if getattr(layer, "use_intel_amx_backend", False):  # SGLang's packed layout: no weights to read back
                 log.error("draft weights of %s could not be re-derived after a weight update: speculation off", layer)
                 self.enabled = False
                 return
-            derive_draft(layer, layer.weight, lambda x, layer=layer: UnquantizedLinearMethod.apply(layer.quant_method, layer, x, layer.bias))
+            derive_draft(layer, layer.weight, lambda x, layer=layer: _target_apply(layer.quant_method, layer, x, layer.bias))
         self.stamp = next(_loads)
         self.weights_changed = False
         if not self._draft_layers():
