@@ -43,7 +43,7 @@ class PolicyPublisher:
 
     def __init__(self, url: str, token: str, timeout: float = 300.0, dtype: torch.dtype | None = None,
                  shard_bytes: int = SHARD_BYTES, retries: int = 3):
-        self.url, self.token, self.timeout, self.dtype = url.rstrip("/"), token, timeout, dtype
+        self.url, self.timeout, self.dtype = url.rstrip("/"), timeout, dtype
         self.shard_bytes, self.retries = shard_bytes, retries
         self.headers = {"Authorization": f"Bearer {token}"}
         self.last_upload: dict = {}  # the last publish: upload id, shards sent and skipped
@@ -75,10 +75,9 @@ class PolicyPublisher:
             raise _with_upload(PolicyUnavailable(f"publish failed: {exc}"), upload) from exc
         if r.status_code != 200:
             try:
-                detail = r.json().get("error", r.text)
-            except ValueError:
-                detail = r.text
-            raise _with_upload(PolicyError(f"publish rejected ({r.status_code}): {detail}"), upload)
+                _raise_for_status(f"publish: {method} {path}", r.status_code, r.text)
+            except (PolicyError, PolicyUnavailable) as exc:
+                raise _with_upload(exc, upload) from None
         return r
 
     def _put_shard(self, upload: str, name: str, data: bytes, digest: str) -> None:
@@ -94,35 +93,15 @@ class PolicyPublisher:
                 return
             except urllib.error.HTTPError as exc:
                 if exc.code < 500:
-                    raise _with_upload(PolicyError(f"{name} rejected ({exc.code}): {exc.read().decode(errors='replace')}"), upload) from None
+                    try:
+                        _raise_for_status(f"publish: {name}", exc.code, exc.read().decode(errors="replace"))
+                    except PolicyError as refused:
+                        raise _with_upload(refused, upload) from None
                 error = exc
             except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
                 error = exc
             time.sleep(0.2 * (attempt + 1))
         raise _with_upload(PolicyUnavailable(f"{name}: {error} after {self.retries + 1} attempts"), upload)
-
-    def publish_file(self, path: Path, version: int | None = None) -> int:
-        auth = httpx.get(f"{self.url}/v1/auth", headers={"Authorization": f"Bearer {self.token}"}, timeout=self.timeout)
-        if auth.status_code != 200:  # before the upload: a server refusing mid-body just resets the connection
-            raise PolicyError(f"publish rejected ({auth.status_code}): {auth.json().get('error', auth.text)}")
-        query = f"?version={version}" if version is not None else ""
-        with open(path, "rb") as f:  # streamed from disk in 4 MiB blocks; urllib moves bulk bytes faster than httpx here
-            body = iter(lambda: f.read(4 << 20), b"")
-            req = urllib.request.Request(f"{self.url}/v1/versions{query}", data=body, method="POST", headers={
-                "Authorization": f"Bearer {self.token}", "X-Sha256": sha256_file(path),
-                "Content-Length": str(path.stat().st_size), "Content-Type": "application/octet-stream"})
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return int(json.loads(r.read())["version"])
-            except urllib.error.HTTPError as exc:
-                detail = exc.read().decode(errors="replace")
-                try:
-                    detail = json.loads(detail).get("error", detail)
-                except ValueError:
-                    pass
-                raise PolicyError(f"publish rejected ({exc.code}): {detail}") from None
-            except (urllib.error.URLError, ConnectionError) as exc:
-                raise PolicyError(f"publish failed: {exc}") from None
 
 
 class PolicyClient:

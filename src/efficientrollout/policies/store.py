@@ -38,14 +38,9 @@ def valid_file_name(name: str) -> bool:
 
 def check_file_names(names: list[str]) -> None:
     """A version is `model.safetensors`, or shards `model-0000i-of-0000K.safetensors` for i = 1..K."""
-    if names == [WEIGHTS_FILE]:
-        return
-    parsed = [_SHARD.fullmatch(n) for n in names]
-    if not names or not all(parsed):
-        raise PolicyError(f"files must be {WEIGHTS_FILE} or shards model-0000i-of-0000K.safetensors, got {sorted(names)}")
-    count = int(parsed[0].group(2))
-    if sorted(int(m.group(1)) for m in parsed) != list(range(1, count + 1)) or {int(m.group(2)) for m in parsed} != {count}:
-        raise PolicyError(f"shards must be 1..K of K, each once: got {sorted(names)}")
+    if names != [WEIGHTS_FILE] and sorted(names) != [shard_name(i, len(names)) for i in range(len(names))]:
+        raise PolicyError(f"files must be {WEIGHTS_FILE} or shards model-0000i-of-0000K.safetensors, "
+                          f"each of 1..K once: got {sorted(names)}")
 
 
 class PolicyError(ValueError):

@@ -281,14 +281,12 @@ class SelfDraftWorker(_worker_base()):
     # ---- one scheduler step ----------------------------------------------------------------
 
     def forward_batch_generation(self, batch, on_publish=None):
-        from sglang.srt.managers.scheduler import GenerationBatchResult
-
         if self.weights_changed:
             self.refresh_drafts()
         bs = len(batch.reqs)
         if not batch.forward_mode.is_decode():  # prefill: a plain target forward
             out = self.target_worker.forward_batch_generation(batch)
-            return self._result(GenerationBatchResult, out.logits_output, out.next_token_ids, out.next_token_ids[:, None],
+            return self._result(out.logits_output, out.next_token_ids, out.next_token_ids[:, None],
                                 batch.seq_lens.clone(), torch.ones(bs, dtype=torch.int32, device=batch.seq_lens.device),
                                 out.can_run_cuda_graph)
         k = self.gate.choose(bs, True, self.k_max) if self.enabled and _speculable(batch.sampling_info) else 0
@@ -306,7 +304,7 @@ class SelfDraftWorker(_worker_base()):
             seconds = time.perf_counter() - t0
             self.gate.observe_target(bs, seconds)
             self._trace(bs, 0, 0, seconds)
-            return self._result(GenerationBatchResult, logits_output, tokens, tokens[:, None], seq_lens + 1, accept_lens, cuda_graph)
+            return self._result(logits_output, tokens, tokens[:, None], seq_lens + 1, accept_lens, cuda_graph)
         params = _sampling_rows(batch.sampling_info, self.model_runner.model_config.vocab_size)
         drafts, draft_probs = self._draft(batch, roots, slots, k, params)
         self._sync()
@@ -322,7 +320,7 @@ class SelfDraftWorker(_worker_base()):
         self.gate.observe_acceptance(bs, k, accepted, int((n < k).sum()))
         self._trace(bs, k, accepted, t2 - t0, t1 - t0)
         accept_lens = (n + 1).to(torch.int32)
-        return self._result(GenerationBatchResult, logits_output, emitted.reshape(-1), emitted, seq_lens + accept_lens,
+        return self._result(logits_output, emitted.reshape(-1), emitted, seq_lens + accept_lens,
                             accept_lens, cuda_graph, width=k + 1)
 
     def _plain(self, batch, roots, slots):
@@ -380,10 +378,8 @@ class SelfDraftWorker(_worker_base()):
         bs, width = len(roots), k + 1
         seq_lens = self._committed[0]
         chain = torch.cat((roots[:, None], drafts), 1)  # [b, K+1]
-        self._decode_inputs(batch, chain.reshape(-1), slots.reshape(-1), 0)
+        self._decode_inputs(batch, chain.reshape(-1), slots.reshape(-1), 0)  # verify extends the committed KV
         batch.forward_mode = ForwardMode.TARGET_VERIFY
-        batch.seq_lens, batch.seq_lens_cpu = self._committed  # verify extends the committed KV
-        batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
         batch.spec_info = _chain_input(chain, seq_lens, width)
         out = self.target_worker.forward_batch_generation(batch, is_verify=True)
         logits = out.logits_output.next_token_logits.view(bs, width, -1)
@@ -397,15 +393,16 @@ class SelfDraftWorker(_worker_base()):
             compute_spec_logprobs(batch, out.logits_output, emitted.reshape(-1), chain_stride=width)
         return out.logits_output, n, emitted, out.can_run_cuda_graph
 
-    def _result(self, result_cls, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
+    def _result(self, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
         """A spec-v2 result; `next_draft_input` keeps the fixed layout SGLang filters and merges."""
+        from sglang.srt.managers.scheduler import GenerationBatchResult
         from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
         bs = accept_tokens.shape[0]
         padded = torch.zeros(bs, self.stride, dtype=torch.int64, device=accept_tokens.device)
         padded[:, : accept_tokens.shape[1]] = accept_tokens
         width = width or 1
-        return result_cls(
+        return GenerationBatchResult(
             logits_output=logits_output, next_token_ids=next_token_ids, can_run_cuda_graph=cuda_graph, accept_lens=accept_lens,
             new_seq_lens=new_seq_lens,
             next_draft_input=NgramVerifyInput(draft_token_num=self.stride, new_seq_lens=new_seq_lens, accept_tokens=padded.flatten(),
@@ -414,7 +411,7 @@ class SelfDraftWorker(_worker_base()):
         )
 
     def _sync(self) -> None:
-        if self.device != "cpu" and torch.device(self.device).type == "cuda":
+        if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize()
 
     def note_request_finished(self, *, rid: str, natural_stop: bool) -> None:

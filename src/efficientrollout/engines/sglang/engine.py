@@ -76,11 +76,9 @@ class SGLangEngine:
         self.tied = "lm_head.weight" not in self.reference
         self.version = 0
         self.engine_id = engine_id or f"sglang-{socket.gethostname()}-{os.getpid()}"
-
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efficientrollout-sglang."))
         self.trace: list[StepRecord] = []
-        self._steps_path = self.workdir / "steps.jsonl"  # our algorithm's step trace, written by the server
-        self._steps = StepLog(self._steps_path)
+        self._steps = StepLog(self.workdir / "steps.jsonl")  # our algorithm's step trace, written by the server
         self._served_dir = self.model_path
         self._abort = threading.Event()
         self._generating = False
@@ -111,7 +109,7 @@ class SGLangEngine:
         if self.sglang.sglang_speculation == "efficientrollout":  # read by our worker inside SGLang
             spec = self.config.speculation
             env |= {"EFFICIENTROLLOUT_SPECULATION": spec.mode, "EFFICIENTROLLOUT_SPECULATION_K": str(spec.k),
-                    "EFFICIENTROLLOUT_DRAFTER": spec.drafter, "EFFICIENTROLLOUT_SGLANG_TRACE": str(self._steps_path)}
+                    "EFFICIENTROLLOUT_DRAFTER": spec.drafter, "EFFICIENTROLLOUT_SGLANG_TRACE": str(self._steps.path)}
         return env
 
     def close(self) -> None:
