@@ -4,12 +4,11 @@ GET  /healthz, /v1/latest                → open: {"version": N | null}
 GET  /v1/versions/{v}/manifest           → the version's manifest (sha256 per file)      [read]
 GET  /v1/versions/{v}/files/{name}       → the file; HTTP Range supported, so downloads  [read]
                                            resume
-GET  /v1/auth                            → 200 if the publish token is right, else 401  [publish]
-                                           (a publisher checks before sending gigabytes)
 POST /v1/versions[?version=N]            → publish (body: a safetensors file; optional   [publish]
                                            X-Sha256 header); 409 if that version exists
 Sharded publish (large policies; each shard resumable on its own):
-POST /v1/uploads                         → {"upload": id}: an upload session            [publish]
+POST /v1/uploads                         → {"upload": id}: an upload session (a wrong    [publish]
+                                           token is refused before any weight is sent)
 PUT  /v1/uploads/{id}/{name}             → one shard (X-Sha256 required; verified as it [publish]
                                            arrives, kept only if it matches)
 GET  /v1/uploads/{id}                    → the shards received: {name: {size, sha256}}  [publish]
@@ -185,9 +184,6 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         await announce(stored)
         return JSONResponse({"version": stored})
 
-    async def check_token(request: Request) -> Response:
-        return refused(request, publishers) or JSONResponse({"ok": True})
-
     async def publish(request: Request) -> Response:
         if denied := refused(request, publishers):
             return denied
@@ -211,7 +207,6 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         Route("/v1/versions/{version:int}/manifest", manifest),
         Route("/v1/versions/{version:int}/files/{name}", file),
         Route("/v1/versions", publish, methods=["POST"]),
-        Route("/v1/auth", check_token),
         Route("/v1/uploads", begin_upload, methods=["POST"]),
         Route("/v1/uploads/{upload}", upload_status),
         Route("/v1/uploads/{upload}/commit", commit, methods=["POST"]),
