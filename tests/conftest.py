@@ -16,7 +16,7 @@ PLAIN = SpeculationConfig(mode="plain")
 torch.set_num_threads(2)
 
 
-def build_tiny_checkpoint(path, family: str, seed: int = 0, tie: bool = True):
+def build_tiny_checkpoint(path, family: str, seed: int = 0, tie: bool = True, head_dim: int = 16):
     """Save a 2-layer random model of `family` with the bundled tokenizer; returns the HF model."""
     from transformers import (
         AutoTokenizer,
@@ -33,7 +33,7 @@ def build_tiny_checkpoint(path, family: str, seed: int = 0, tie: bool = True):
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
     config = config_cls(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=tie,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-6,
     )
     torch.manual_seed(seed)
@@ -53,6 +53,14 @@ def build_tiny_checkpoint(path, family: str, seed: int = 0, tie: bool = True):
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     build_tiny_checkpoint(path, "llama")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny64_dir(tmp_path_factory):
+    """The tiny Llama with SmolLM2's head size (64), which our bf16 attention kernel serves."""
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    build_tiny_checkpoint(path, "llama", head_dim=64)
     return path
 
 

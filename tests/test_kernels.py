@@ -23,11 +23,12 @@ def _reference_attention(q, k_cache, v_cache, positions, kv_len):
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("b,T,S", [(1, 1, 7), (1, 1, 700), (3, 4, 40), (5, 1, 300), (2, 6, 1000)])
-def test_decode_attention_matches_sdpa(dtype, b, T, S):
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float16, 16), (torch.bfloat16, 64), (torch.bfloat16, 128)])
+@pytest.mark.parametrize("b,T,S", [(1, 1, 7), (1, 1, 700), (3, 4, 40), (5, 1, 300), (2, 6, 1000), (1, 8, 257)])
+def test_decode_attention_matches_sdpa(dtype, D, b, T, S):
+    """Head sizes 64 and 128 in bf16 take the AVX512-BF16 kernel (attention_cpu.cpp) where the CPU has it."""
     torch.manual_seed(b * 100 + T + S)
-    H, Hkv, D = 6, 2, 16
+    H, Hkv = 6, 2
     qkv = torch.randn(b, T, H + 2 * Hkv, D, dtype=dtype)
     q = qkv[:, :, :H]  # a strided view, as the decoder passes it
     k_cache, v_cache = torch.randn(2, 8, 1024, Hkv, D, dtype=dtype)
@@ -79,12 +80,13 @@ def test_rope_and_cache_write_match_the_torch_ops(dtype):
         OPS.rope_and_cache(qkv, cos, sin, k_cache, v_cache, rows, positions + S, H)
 
 
-def test_bf16_decode_with_kernels_matches_the_torch_path(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("model_dir", ["tiny_dir", "tiny64_dir"])
+def test_bf16_decode_with_kernels_matches_the_torch_path(model_dir, request, monkeypatch):
     """The whole bf16 decoder (prefill, then decode and verify steps) with and without the kernels."""
     from efficientrollout.engines.native.runner import ModelRunner
     from efficientrollout.models import load_model
 
-    loaded = load_model(tiny_dir, torch.bfloat16, torch.device("cpu"), max_seq_len=128)
+    loaded = load_model(request.getfixturevalue(model_dir), torch.bfloat16, torch.device("cpu"), max_seq_len=128)
     runner = ModelRunner(loaded.decoder, max_batch_size=3, max_seq_len=128)
     runner.prefill([[5, 17, 300, 42, 9], [8, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]], slots=[0, 1, 2])
     tokens, positions = torch.tensor([[11, 12, 13], [21, 22, 23], [31, 32, 33]]), torch.tensor([[5, 6, 7], [3, 4, 5], [8, 9, 10]])

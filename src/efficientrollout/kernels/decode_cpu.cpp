@@ -176,6 +176,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   auto p = positions.to(at::kLong).contiguous();
   TORCH_CHECK(p.size(0) == q.size(0) && p.size(1) == q.size(1), "positions [b, T]");
   auto out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  if (attention_bf16(q, k, v, p, kv_len, out)) return out;  // attention_cpu.cpp: the bf16 fast path
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention",
                                   [&] { attention_kernel<scalar_t>(q, k, v, p, kv_len, out); });
   return out;

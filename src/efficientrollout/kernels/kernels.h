@@ -31,6 +31,9 @@ inline float exp_nonpositive(float x) {
 }
 
 
+// bf16 decode attention on AVX512-BF16 CPUs into `out`; false where it does not serve (dtype, head_dim)
+bool attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                    int64_t kv_len, at::Tensor& out);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                             int64_t kv_len);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);

@@ -12,6 +12,10 @@
 
 #include "kernels.h"
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 at::Tensor linear(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
@@ -21,6 +25,21 @@ at::Tensor linear(const at::Tensor& x, at::TensorList w, const c10::optional<at:
   return at::_weight_int4pack_mm_for_cpu(x, w[0], w[2].item<int64_t>(), w[1]);
 }
 
+#if defined(__AVX512BF16__)
+// exp_nonpositive (kernels.h) on 16 lanes
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145752f))), _mm512_mul_ps(n, _mm512_set1_ps(1.42860677e-6f)));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+inline __m512 load16(const at::BFloat16* p) { return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
+
 // silu(gate) * up over [n, 2I] → [n, I], rounding like the two bf16 ops it replaces
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t n = gate_up.size(0), I = gate_up.size(1) / 2;
@@ -28,8 +47,19 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const auto* g = gate_up.const_data_ptr<at::BFloat16>();
   auto* o = out.mutable_data_ptr<at::BFloat16>();
   for (int64_t r = 0; r < n; ++r) {
-#pragma omp simd
-    for (int64_t i = 0; i < I; ++i) {  // sigmoid from e^-|x| (our vectorizable exp; libm's is scalar)
+    int64_t i = 0;
+#if defined(__AVX512BF16__)
+    for (; i + 16 <= I; i += 16) {
+      const __m512 x = load16(g + r * 2 * I + i);
+      const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+      const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+      const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(pos, e, _mm512_set1_ps(1.f)), _mm512_add_ps(_mm512_set1_ps(1.f), e));
+      const __m512 s = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_mul_ps(x, sigmoid)));
+      const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(s, load16(g + r * 2 * I + I + i)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + r * I + i), (__m256i)y);
+    }
+#endif
+    for (; i < I; ++i) {  // sigmoid from e^-|x| (our vectorizable exp; libm's is scalar)
       const float x = static_cast<float>(g[r * 2 * I + i]);
       const float e = efficientrollout::exp_nonpositive(-std::fabs(x));
       const float sigmoid = x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
