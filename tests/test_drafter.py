@@ -38,7 +38,7 @@ def test_packed_kernels_hand_large_batches_to_fbgemm_over_the_same_int8_weights(
     target = Linear(128, 48, bias=False).to(torch.bfloat16)
     target.pack()
     q = QuantLinear(target, kernel, group_size=64)
-    n = GEMV_MAX_ROWS if q.gemv is not None else PACKED_MAX_ROWS[kernel]  # our int8 kernel, else the packed one
+    n = GEMV_MAX_ROWS if kernel == "int8pack" and q.gemv is not None else PACKED_MAX_ROWS[kernel]  # our int8 kernel, else the packed one
     x = torch.randn(n + 1, 128, dtype=torch.bfloat16)
     fbgemm = QuantLinear(target, "fbgemm")
     if "fbgemm" in torch.backends.quantized.supported_engines:

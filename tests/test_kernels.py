@@ -100,7 +100,7 @@ def test_bf16_decode_with_kernels_matches_the_torch_path(model_dir, request, mon
 
 @pytest.mark.skipif(OPS is None or not OPS.bf16_gemv_available(), reason="the fused layer needs AVX512-BF16")
 def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir):
-    """decode_layer (one C++ call per layer) runs the same kernels as the Python layer code:
+    """decode_stack (one C++ call for all layers) runs the same kernels as the Python layer code:
     the same bits, for the bf16 target and its int8 and int4 drafters, at decode and verify shapes."""
     from efficientrollout.engines.native.runner import ModelRunner
     from efficientrollout.models import load_model
@@ -117,7 +117,7 @@ def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir):
                               (torch.tensor([[11, 12], [21, 22], [31, 32]]), torch.tensor([[5, 6], [3, 4], [8, 9]]))):
         for decoder in (loaded.decoder, drafter.decoder, drafter4.decoder):
             fused = runner.forward(tokens, positions, kv_len=10, decoder=decoder)
-            decoder._fused = []  # "no fused layers": the module path
+            decoder._fused = ()  # "no fused layers": the module path
             slow = runner.forward(tokens, positions, kv_len=10, decoder=decoder)
             decoder.invalidate_fused()
             assert torch.equal(fused, slow)

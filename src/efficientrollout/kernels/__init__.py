@@ -52,7 +52,7 @@ def cpu_ops():
 
 
 def gemv_ops(weight: torch.Tensor):
-    """Our kernels where their 1-8-row linears can serve `weight` (bf16 on an AVX512-BF16 CPU,
+    """Our kernels where their 1-12-row linears can serve `weight` (bf16 on an AVX512-BF16 CPU,
     rows a multiple of 32 wide), else None."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.shape[-1] % 32:
         return None

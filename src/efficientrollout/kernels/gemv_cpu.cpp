@@ -1,6 +1,6 @@
 // Weight-streaming linears for a few rows (decode, draft, small verify) on AVX512-BF16 CPUs.
 //
-// At 1-8 rows a linear is a pass over its weights; oneDNN's bf16 GEMM reads them at ~35 GB/s
+// At 1-12 rows a linear is a pass over its weights; oneDNN's bf16 GEMM reads them at ~35 GB/s
 // on our 2-core CPU, against ~78 GB/s that a plain streaming read reaches. Here each thread
 // streams a contiguous block of weight rows once and feeds every input row from it with
 // `vdpbf16ps` (32 bf16 products per instruction, fp32 accumulation).
@@ -19,7 +19,7 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 12;  // from 16 rows oneDNN is faster: we are compute-bound there
 constexpr int64_t kPrefetch = 4096;  // bytes ahead in the weight stream
 
 }  // namespace
@@ -52,31 +52,32 @@ inline __m512bh load_weights(const int8_t* p) {
 // accumulator would wait on vdpbf16ps' latency, not on memory.
 template <int M, typename W>
 void gemv_rows(const uint16_t* xp, const W* wp, const float* sp, const float* bp, uint16_t* yp, int64_t K, int64_t N,
-               int64_t n0, int64_t n1) {
+               int64_t n0, int64_t n1, int64_t used = M) {
+  // `used` <= M input rows are real: the others repeat the last one and are not stored
   constexpr int R = M >= 8 ? 1 : M >= 4 ? 2 : M >= 2 ? 4 : 8;
+  const uint16_t* xrow[M];
+  for (int m = 0; m < M; ++m) xrow[m] = xp + std::min<int64_t>(m, used - 1) * K;
   for (int64_t n = n0; n < n1; n += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, n1 - n));
     __m512 acc[R][M];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
-      __m512bh xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(xp + m * K + k);
-      for (int r = 0; r < rows; ++r) {
+      for (int r = 0; r < rows; ++r) {  // x rows are loaded per use: from L1, and 12 would not fit in registers
         _mm_prefetch(reinterpret_cast<const char*>(wp + (n + r) * K + k) + kPrefetch, _MM_HINT_T0);
         const __m512bh wv = load_weights(wp + (n + r) * K + k);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, (__m512bh)_mm512_loadu_si512(xrow[m] + k));
       }
     }
     for (int r = 0; r < rows; ++r)
-      for (int m = 0; m < M; ++m) {
+      for (int m = 0; m < used; ++m) {
         const float dot = _mm512_reduce_add_ps(acc[r][m]) * (sp ? sp[n + r] : 1.f);
         yp[m * N + n + r] = c10::BFloat16(dot + (bp ? bp[n + r] : 0.f)).x;
       }
   }
 }
 
-// y [M, N] for M = 1..8 rows, each thread a contiguous block of output rows (it streams its
+// y [M, N] for M = 1..12 rows, each thread a contiguous block of output rows (it streams its
 // slice of the weights once)
 template <typename W>
 void gemv(int64_t M, const uint16_t* xp, const W* wp, const float* sp, const float* bp, uint16_t* yp, int64_t K, int64_t N) {
@@ -89,7 +90,8 @@ void gemv(int64_t M, const uint16_t* xp, const W* wp, const float* sp, const flo
       case 5: gemv_rows<5>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
       case 6: gemv_rows<6>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
       case 7: gemv_rows<7>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
-      default: gemv_rows<8>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      case 8: gemv_rows<8>(xp, wp, sp, bp, yp, K, N, n0, n1); break;
+      default: gemv_rows<12>(xp, wp, sp, bp, yp, K, N, n0, n1, M); break;
     }
   });
 }
@@ -102,7 +104,7 @@ at::Tensor streamed_linear(const at::Tensor& x, const at::Tensor& w, const W* wp
                            const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(efficientrollout::bf16_gemv_available(), "our streamed linears need a CPU with AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kBFloat16, "x [M, K] bf16, w [N, K]");
-  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % 32 == 0 && w.is_contiguous(), "at most 8 rows; K a multiple of 32; contiguous w");
+  TORCH_CHECK(x.size(0) <= kMaxRows && x.size(1) % 32 == 0 && w.is_contiguous(), "at most 12 rows; K a multiple of 32; contiguous w");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto xc = x.contiguous();
   auto y = at::empty({M, N}, x.options());

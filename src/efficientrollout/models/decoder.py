@@ -60,10 +60,11 @@ class Linear(nn.Linear):
     is 1.3x faster than torch's default GEMM at 1 row, 2.3x at 4, 1.4x at 16 and 64. The
     packed copy is derived state: `pack()` again after the weights change.
 
-    On AVX512-BF16 CPUs, 1-8 rows of a layer-sized bf16 linear run our weight-streaming kernel
+    On AVX512-BF16 CPUs, 1-12 rows of a layer-sized bf16 linear run our weight-streaming kernel
     (kernels/gemv_cpu.cpp) instead: all 120 layer linears of SmolLM2 take 0.81x oneDNN's time
-    at 1 row, 0.84x at 2, 0.92x at 4, 0.75x at 8 (2 cores). oneDNN keeps large weights (the LM
-    head, where it streams at ~80 GB/s) and larger batches."""
+    at 1 row, 0.84x at 2, 0.92x at 4, 0.75x at 8, 0.79x at 12 (2 cores); at 16 rows it is
+    compute-bound and 1.1x. oneDNN keeps large weights (the LM head, where it streams at
+    ~80 GB/s) and larger batches."""
 
     packed: Tensor | None = None
     gemv = None  # our bf16 kernel namespace where it serves this linear
@@ -95,7 +96,7 @@ class Linear(nn.Linear):
         return None if self.gemv is None else [self.weight]
 
 
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 12
 GEMV_MAX_WEIGHT = 4 << 20  # elements: every layer linear of small models, not a 49k-token LM head
 
 
@@ -203,7 +204,7 @@ class Decoder(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._fused: list[tuple] | None = None  # see fused_layers()
+        self._fused: tuple | None = None  # see fused_layers()
         self.register_buffer("cos", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
         self._init_rope(inv_freq, rope_scale, max_seq_len)
@@ -233,7 +234,7 @@ class Decoder(nn.Module):
         rows=None, kv_len=n: decode/verify for cache slots 0..b-1 attending positions < n.
         rows=slots, kv_len=None: prefill of prompts (starting at position 0) into those slots.
         """
-        if kv_len is not None and tokens.numel() <= GEMV_MAX_ROWS and (layers := self.fused_layers()) is not None:
+        if kv_len is not None and tokens.numel() <= GEMV_MAX_ROWS and (layers := self.fused_layers()) is not None and cpu_ops() is not None:
             return self._forward_fused(tokens, positions, cache, kv_len, layers)
         ctx = StepContext(positions, rows, kv_len, None if kv_len is None else self.decode_kernels(tokens))
         x = self.embed(tokens)
@@ -243,41 +244,39 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, ctx, cache.k[i], cache.v[i])
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
-    def _forward_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int, layers: list[tuple]) -> Tensor:
-        """A few rows of decode/verify with each layer one C++ call (kernels/layer_cpu.cpp):
+    def _forward_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int, layers: tuple) -> Tensor:
+        """A few rows of decode/verify with all layers in one C++ call (kernels/layer_cpu.cpp):
         the same kernels as the layer code above, without the interpreter between them."""
         cfg, kernels = self.cfg, cpu_ops()
         b, T = tokens.shape
         x = self.embed(tokens).view(b * T, cfg.hidden_size)
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)  # [b, T, D]
-        rows = torch.arange(b)
-        for i, (input_norm, post_norm, qkv, qkv_bias, o, gate_up, down) in enumerate(layers):
-            x = kernels.decode_layer(x, input_norm, post_norm, cfg.rms_norm_eps, qkv, qkv_bias, o, gate_up, down,
-                                     cos, sin, cache.k[i], cache.v[i], rows, positions, kv_len, cfg.num_heads)
+        x = kernels.decode_stack(x, *layers, cfg.rms_norm_eps, cos, sin, cache.k, cache.v, torch.arange(b), positions, kv_len, cfg.num_heads)
         return rms_norm(x.view(b, T, cfg.hidden_size), self.norm, cfg.rms_norm_eps)
 
-    def fused_layers(self) -> list[tuple] | None:
-        """Per-layer arguments of `decode_layer`, or None where a layer cannot run there (fp32,
-        no kernels, QK-norm models, a linear our kernels do not serve). Derived state: call
+    def fused_layers(self) -> tuple[list[Tensor], list[int]] | None:
+        """`decode_stack`'s weights and counts, or None where a layer cannot run there (fp32, no
+        kernels, QK-norm models, a linear our kernels do not serve). Derived state: call
         `invalidate_fused()` when linears or their weights' tensors change."""
         if self._fused is None:
-            self._fused = self._build_fused() or []
+            self._fused = self._build_fused() or ()
         return self._fused or None
 
     def invalidate_fused(self) -> None:
         self._fused = None
 
-    def _build_fused(self) -> list[tuple] | None:
+    def _build_fused(self) -> tuple[list[Tensor], list[int]] | None:
         if self.cfg.qk_norm or self.norm.device.type != "cpu" or self.norm.dtype != torch.bfloat16 or cpu_ops() is None:
             return None
-        layers = []
+        weights, counts = [], []
         for layer in self.layers:
             linears = [getattr(layer, name).gemv_weights() for name in ("qkv", "o", "gate_up", "down")]
             if any(w is None for w in linears):
                 return None
-            qkv, o, gate_up, down = linears
-            layers.append((layer.input_norm, layer.post_norm, qkv, layer.qkv.bias, o, gate_up, down))
-        return layers
+            bias = [] if layer.qkv.bias is None else [layer.qkv.bias]
+            weights += [layer.input_norm, layer.post_norm, *bias, *(w for ws in linears for w in ws)]
+            counts += [len(bias), *(len(ws) for ws in linears)]
+        return weights, counts
 
     def decode_kernels(self, tokens: Tensor):
         """Our CPU attention kernel where it wins: bf16/fp16 decode and verify on CPUs, 3-7x
