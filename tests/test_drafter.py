@@ -91,3 +91,24 @@ def test_int4_needs_a_fast_kernel_and_a_dividing_group_size():
             pick_kernel(torch.device("cpu"), bits=4)
     with pytest.raises(ValueError, match="does not divide"):
         QuantLinear(Linear(576, 64), "int4", group_size=128)
+
+
+def test_vocab_head_keeps_the_most_emitted_tokens_and_their_exact_logits(tiny_engine):
+    decoder = tiny_engine.decoder
+    full, small = Drafter(decoder), Drafter(decoder, vocab=4)
+    assert not small.head.refresh() and small.head.ids is None  # nothing observed: the whole vocabulary
+    small.head.observe([7, 7, 7, 300, 300, 42, 9, 5])
+    assert small.head.refresh()
+    assert small.head.ids.tolist() == [5, 7, 9, 300]  # 7 and 300 by count, then ties to the lower ids
+    x = torch.randn(3, decoder.cfg.hidden_size, device=tiny_engine.device)
+    got, want = small.decoder.logits(x), full.decoder.logits(x)
+    kept = small.head.ids
+    assert torch.equal(got[:, kept], want[:, kept])  # the same quantized rows
+    others = torch.ones(got.shape[-1], dtype=torch.bool)
+    others[kept] = False
+    assert torch.isinf(got[:, others]).all() and (got[:, others] < 0).all()
+    assert small.head.coverage() == 7 / 8  # 42 was seen once and dropped
+    small.head.observe([1000] * 4)
+    assert not small.head.refresh()  # 12 tokens seen, subset chosen at 8: waits until 16
+    small.head.observe([1000] * 4)
+    assert small.head.refresh() and 1000 in small.head.ids.tolist()

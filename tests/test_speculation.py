@@ -259,3 +259,21 @@ def test_bf16_divergences_from_plain_are_precision_noise(tiny_dir):
     assert all(g <= noise for g in spec_gaps), (spec_gaps, noise)
     assert len(spec_gaps) <= 2 * len(batch_gaps) + 4, (spec_gaps, batch_gaps)
     assert sum(r.speculation.accepted for r in spec) > 0
+
+
+def test_a_drafter_vocabulary_subset_stays_lossless(tiny_engine, tiny_dir):
+    """With the drafter's head cut to 64 tokens, it cannot propose most tokens: greedy outputs
+    still equal plain decoding and samples still follow the target."""
+    spec = engine(tiny_dir, mode="always", k=4, draft_vocab=64)
+    requests = [req(i, PROMPTS[i % len(PROMPTS)], temperature=0.0, max_new_tokens=24, ignore_eos=True) for i in range(8)]
+    plain = [r.output_token_ids for r in tiny_engine.generate(requests)]
+    assert [r.output_token_ids for r in spec.generate(requests)] == plain  # full vocabulary, counting
+    assert spec.drafter.head.ids is None
+    assert [r.output_token_ids for r in spec.generate(requests)] == plain  # the subset from this wave on
+    assert spec.drafter.head.ids is not None and len(spec.drafter.head.ids) == 64
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    results = spec.generate([req(0, "The quick brown fox", temperature=1.0, top_k=50, max_new_tokens=5, n=400, seed=7, ignore_eos=True)])
+    assert sum(r.speculation.drafted for r in results) > 0
+    pits, shifted = sampled_pits(hf, results, top_k=50)
+    assert _ks_uniform(pits) < 1.95 / np.sqrt(len(pits))
+    assert _ks_uniform(shifted) > 1.95 / np.sqrt(len(pits))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -136,6 +137,72 @@ def _fbgemm_linear(x: Tensor, packed) -> Tensor:
     return y.view(*lead, y.shape[-1]).to(x.dtype)
 
 
+class _Rows:
+    """Some output rows of a linear, as a QuantLinear's source: gathered from the live weights
+    at every requantize."""
+
+    def __init__(self, linear: Linear, ids: Tensor):
+        self.linear, self.ids, self.in_features = linear, ids, linear.in_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight[self.ids]
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None if self.linear.bias is None else self.linear.bias[self.ids]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class VocabHead(nn.Module):
+    """The drafter's LM head, over the tokens rollouts actually emit.
+
+    The LM head is a fifth of SmolLM2's weights (49,152 rows of 576), read at every draft step,
+    and the responses of one RL task use a small part of the vocabulary. Once `observe` has seen
+    `size` output tokens, `refresh` keeps the head's rows for the `size` most frequent ones
+    (chosen again whenever the count doubles); every other token gets logit -inf, so the drafter
+    never proposes it. Verification stays exact: a token the drafter cannot propose is still
+    emitted whenever the target picks it (greedy) or through the residual distribution
+    (sampling), only never as an accepted draft."""
+
+    def __init__(self, quant: QuantLinear, size: int):
+        super().__init__()
+        self.quant, self.size = quant, size
+        self.full: Linear = quant._source[0]
+        self.vocab = self.full.out_features
+        self.counts = np.zeros(self.vocab, np.int64)
+        self.ids: Tensor | None = None  # the kept tokens, ascending; None: the full vocabulary
+        self._chosen_at = 0  # tokens observed when the subset was last chosen
+
+    def observe(self, tokens: list[int]) -> None:
+        np.add.at(self.counts, np.asarray(tokens, np.int64), 1)
+
+    def refresh(self) -> bool:
+        """Choose the subset (again) if the observed count has doubled since; True if it did."""
+        seen = int(self.counts.sum())
+        if not 0 < self.size < self.vocab or seen < max(self.size, 2 * self._chosen_at):
+            return False
+        ids = np.sort(np.argsort(-self.counts, kind="stable")[: self.size])
+        self.ids = torch.from_numpy(ids).to(self.full.weight.device)
+        self.quant._source = (_Rows(self.full, self.ids),)
+        self.quant.requantize()
+        self._chosen_at = seen
+        return True
+
+    def coverage(self) -> float:
+        """Fraction of the observed tokens the head can propose."""
+        seen = self.counts.sum()
+        return 1.0 if self.ids is None or not seen else float(self.counts[self.ids.cpu().numpy()].sum() / seen)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.quant(x)
+        if self.ids is None:
+            return y
+        return y.new_full((*y.shape[:-1], self.vocab), float("-inf")).index_copy_(y.dim() - 1, self.ids, y)
+
+
 def _share_structure(module: nn.Module) -> nn.Module:
     """A copy of the module tree whose parameters and buffers are the *same* tensors."""
     clone = copy.copy(module)
@@ -148,7 +215,7 @@ def _share_structure(module: nn.Module) -> nn.Module:
 class Drafter:
     """Holds the drafter decoder; `decoder(...)` has the target Decoder's call signature."""
 
-    def __init__(self, target: Decoder, kernel: str | None = None, group_size: int = 64):
+    def __init__(self, target: Decoder, kernel: str | None = None, group_size: int = 64, vocab: int = 0):
         self.kernel = kernel or pick_kernel(next(target.parameters()).device)
         self.decoder: Decoder = _share_structure(target)
         self.linears: list[QuantLinear] = []
@@ -158,6 +225,8 @@ class Drafter:
                     q = QuantLinear(child, self.kernel, group_size)
                     parent._modules[name] = q
                     self.linears.append(q)
+        self.head = VocabHead(self.decoder.lm_head, vocab)  # see VocabHead: vocab=0 keeps every token
+        self.decoder.lm_head = self.head
         self.decoder.invalidate_fused()  # the copy must not reuse the target's fused layers
         self.requantize_s = 0.0
         self.stale = False  # the target's weights changed since the last requantize()

@@ -31,6 +31,8 @@ class SpeculationConfig:
     drafter: str = option("int8", "int8 (torchao, per channel) | int4 (group-wise; CUDA and AVX512 CPUs) | exact (unquantized: tests)",
                           choices=("int8", "int4", "exact"))
     int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
+    draft_vocab: int = option(8192, "the drafter's LM head keeps the N tokens that finished rollouts emitted most, once "
+                              "it has seen N (0: the whole vocabulary); lossless either way")
     probe: bool = option(True, "seed the cost model with a start-up probe of a few seconds")
     hysteresis: float = option(0.05, "switch K only if the prediction improves by more than this fraction")
     explore_every: int = option(16, "every N steps try a neighbouring K, so stale estimates refresh")
@@ -47,6 +49,8 @@ class SpeculationConfig:
             raise ValueError(f"drafter must be int8, int4 or exact, got {self.drafter!r}")
         if not 1 <= self.k <= 32 or not 1 <= self.k_max <= 32:
             raise ValueError("k and k_max must be in 1..32")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
 
 
 def expected_tokens(alpha: float, k: int) -> float:

@@ -102,7 +102,7 @@ class NativeEngine:
         if config.speculation.mode != "plain":
             spec = config.speculation
             kernel = "none" if spec.drafter == "exact" else pick_kernel(self.device, bits=4 if spec.drafter == "int4" else 8)
-            self.drafter = Drafter(self.decoder, kernel=kernel, group_size=spec.int4_group_size)
+            self.drafter = Drafter(self.decoder, kernel=kernel, group_size=spec.int4_group_size, vocab=0 if spec.drafter == "exact" else spec.draft_vocab)
             if config.speculation.probe:
                 self.probe()
 
@@ -191,6 +191,8 @@ class NativeEngine:
                     yield from (engine_error(self, request, i, str(exc)) for i in range(request.sampling.n))
             running: list[Sequence] = []
             self.trace, self._wave_t0 = [], time.perf_counter()
+            if self.drafter is not None:
+                self.drafter.head.refresh()  # the drafter's vocabulary, from the tokens emitted so far
             self.gate.start_wave()
             while (waiting or running) and not self._abort and not (stop is not None and stop()):
                 if waiting and len(running) < self.config.max_batch_size:
@@ -308,6 +310,8 @@ class NativeEngine:
             if running[i].finish_reason is None:
                 continue
             done, last = running[i], running.pop()
+            if self.drafter is not None:
+                self.drafter.head.observe(done.output_ids)
             if i < len(running):
                 self.runner.move(len(running), i, last.num_tokens)
                 running[i] = last
