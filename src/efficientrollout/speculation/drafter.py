@@ -165,7 +165,13 @@ class VocabHead(nn.Module):
     (chosen again whenever the count doubles); every other token gets logit -inf, so the drafter
     never proposes it. Verification stays exact: a token the drafter cannot propose is still
     emitted whenever the target picks it (greedy) or through the residual distribution
-    (sampling), only never as an accepted draft."""
+    (sampling), only never as an accepted draft.
+
+    Measured (SmolLM2, AVX512-BF16, 16 long-tail prompts, K=4, head chosen from earlier waves):
+    greedy, 8192 tokens: acceptance 0.72 vs 0.69, wave 4.2 vs 4.55 s. Sampling at temperature 1:
+    the kept tokens cover 88% (8192), 94% (16384), 97% (24576) of a new wave's tokens, and the
+    acceptance lost outweighs the cheaper head (8192: 0.55 vs 0.65, wave 5.7 vs 5.0 s; 16384 and
+    24576: 4.4 vs 4.3 s; an int4 head instead: 4.5 s). So it is off by default."""
 
     def __init__(self, quant: QuantLinear, size: int):
         super().__init__()

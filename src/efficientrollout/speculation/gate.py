@@ -31,8 +31,8 @@ class SpeculationConfig:
     drafter: str = option("int8", "int8 (torchao, per channel) | int4 (group-wise; CUDA and AVX512 CPUs) | exact (unquantized: tests)",
                           choices=("int8", "int4", "exact"))
     int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
-    draft_vocab: int = option(8192, "the drafter's LM head keeps the N tokens that finished rollouts emitted most, once "
-                              "it has seen N (0: the whole vocabulary); lossless either way")
+    draft_vocab: int = option(0, "N > 0: the drafter's LM head keeps the N tokens finished rollouts emitted most, once it "
+                              "has seen N; lossless, and pays off for greedy decoding only (see VocabHead)")
     probe: bool = option(True, "seed the cost model with a start-up probe of a few seconds")
     hysteresis: float = option(0.05, "switch K only if the prediction improves by more than this fraction")
     explore_every: int = option(16, "every N steps try a neighbouring K, so stale estimates refresh")
