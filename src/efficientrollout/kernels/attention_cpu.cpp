@@ -6,7 +6,9 @@
 // streamed between layers evict the cache, and it read each row's keys one head slice at a time
 // with scalar conversions, so it waited on memory latency. Here a work unit is one row's chunk
 // of keys with all its heads: it streams whole key/value rows, prefetched a block ahead, computes
-// 16 scores at a time with `vdpbf16ps` (bf16 products, fp32 sums) and accumulates P.V in fp32.
+// 16 scores at a time with `vdpbf16ps` (bf16 products, fp32 sums) and P.V two keys at a time
+// with it too. In isolation (hot cache, per layer): 1 row x 1 query, 256 keys 8 us; 2 rows x 4
+// queries (a verify), 1000 keys 97 us (158 us with P.V in fp32 FMAs; compute-bound there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -45,7 +47,7 @@ void attend_chunk(const uint16_t* qp, const int64_t* qs, const uint16_t* kp, con
                   const int64_t* vs, const int64_t* visible, int64_t bi, int64_t T, int64_t H, int64_t Hkv, int64_t s0,
                   int64_t s1, float scale, float* sc, float* pm, float* psum, float* pacc) {
   constexpr int QB = 256 / D;  // queries per P.V pass: QB * D/16 = 16 accumulators in registers
-  const int64_t g = H / Hkv, n = s1 - s0, stride = (n + kKeys - 1) / kKeys * kKeys;
+  const int64_t g = H / Hkv, Q = H * T, n = s1 - s0, stride = (n + 31) / 32 * 32;  // scores per query, padded
   const int64_t krow = Hkv * D * 2, vrow = Hkv * D * 2;  // bytes per key / value row (all heads)
   auto key = [&](int64_t s, int64_t hk) { return kp + bi * ks[0] + s * ks[1] + hk * ks[2]; };
   auto value = [&](int64_t s, int64_t hk) { return vp + bi * vs[0] + s * vs[1] + hk * vs[2]; };
@@ -81,33 +83,48 @@ void attend_chunk(const uint16_t* qp, const int64_t* qs, const uint16_t* kp, con
         row[j] = efficientrollout::exp_nonpositive(row[j] - mx);
         sum += row[j];
       }
-      std::fill(row + seen, row + n, 0.f);
+      std::fill(row + seen, row + stride, 0.f);
       pm[qi] = mx;
       psum[qi] = sum;
     }
-  for (int64_t qb = 0; qb < H * T; qb += QB) {  // P.V, QB queries (of one kv head) per pass
-    const int64_t nq = std::min<int64_t>(QB, H * T - qb);
-    __m512 acc[QB][D / 16];
-    for (int j = 0; j < QB; ++j)
-      for (int d = 0; d < D / 16; ++d) acc[j][d] = _mm512_setzero_ps();
-    for (int64_t s = s0; s < s1; ++s) {
-      __m512 vv[D / 16];
-      int64_t hk = -1;
-      for (int j = 0; j < nq; ++j) {
-        const int64_t qi = qb + j, h = qi / T;
-        if (h / g != hk) {  // queries of a block may span two kv heads
-          hk = h / g;
-          const uint16_t* vr = value(s, hk);
-          for (int d = 0; d < D / 16; ++d)
-            vv[d] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * d)));
-        }
-        const __m512 p = _mm512_set1_ps(sc[qi * stride + (s - s0)]);
-        for (int d = 0; d < D / 16; ++d) acc[j][d] = _mm512_fmadd_ps(p, vv[d], acc[j][d]);
-      }
+  // P.V with vdpbf16ps over pairs of keys: the probabilities rounded to bf16 (as the reference
+  // path's probs.to(bf16) @ values), each pair's two value rows interleaved per dimension
+  // (unpack*_epi16 within 128-bit lanes, so accumulator lane l of vector m holds dimension
+  // dim(m, l); undone at the store).
+  auto* pairs = reinterpret_cast<uint32_t*>(sc + Q * stride);  // [Q][stride / 2] bf16 pairs
+  for (int64_t qi = 0; qi < Q; ++qi)
+    for (int64_t j = 0; j < stride; j += 32) {
+      const float* row = sc + qi * stride + j;
+      _mm512_storeu_si512(pairs + qi * stride / 2 + j / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row)));
     }
-    for (int j = 0; j < nq; ++j)
-      for (int d = 0; d < D / 16; ++d) _mm512_storeu_ps(pacc + (qb + j) * D + 16 * d, acc[j][d]);
-  }
+  auto dim = [](int m, int l) { return 32 * (m / 2) + 8 * (l / 4) + 4 * (m % 2) + l % 4; };
+  for (int64_t hk = 0; hk < Hkv; ++hk)
+    for (int64_t qb = hk * g * T; qb < (hk + 1) * g * T; qb += QB) {  // QB queries of this kv head per pass
+      const int64_t nq = std::min<int64_t>(QB, (hk + 1) * g * T - qb);
+      __m512 acc[QB][D / 16];
+      for (int j = 0; j < QB; ++j)
+        for (int m = 0; m < D / 16; ++m) acc[j][m] = _mm512_setzero_ps();
+      for (int64_t s = s0; s < s1; s += 2) {
+        const uint16_t* va = value(s, hk);
+        const uint16_t* vb = value(std::min(s + 1, s1 - 1), hk);  // an odd last key pairs with itself at weight 0
+        __m512i u[D / 16];
+        for (int m = 0; m < D / 32; ++m) {
+          const __m512i a = _mm512_loadu_si512(va + 32 * m), b = _mm512_loadu_si512(vb + 32 * m);
+          u[2 * m] = _mm512_unpacklo_epi16(a, b);
+          u[2 * m + 1] = _mm512_unpackhi_epi16(a, b);
+        }
+        for (int j = 0; j < nq; ++j) {
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[(qb + j) * stride / 2 + (s - s0) / 2]));
+          for (int m = 0; m < D / 16; ++m) acc[j][m] = _mm512_dpbf16_ps(acc[j][m], (__m512bh)u[m], p);
+        }
+      }
+      for (int j = 0; j < nq; ++j)
+        for (int m = 0; m < D / 16; ++m) {
+          alignas(64) float lanes[16];
+          _mm512_store_ps(lanes, acc[j][m]);
+          for (int l = 0; l < 16; ++l) pacc[(qb + j) * D + dim(m, l)] = lanes[l];
+        }
+    }
 }
 
 template <int D>
@@ -129,7 +146,7 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(Q * ((chunk + kKeys - 1) / kKeys * kKeys));
+    std::vector<float> sc(Q * ((chunk + 31) / 32 * 32) * 3 / 2);  // scores, then their bf16 pairs
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t bi = unit / chunks, s0 = unit % chunks * chunk;
       const int64_t* vis = &visible[bi * T];
