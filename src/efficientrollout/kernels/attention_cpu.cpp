@@ -7,8 +7,9 @@
 // with scalar conversions, so it waited on memory latency. Here a work unit is one row's chunk
 // of keys with all its heads: it streams whole key/value rows, prefetched a block ahead, computes
 // 16 scores at a time with `vdpbf16ps` (bf16 products, fp32 sums) and P.V two keys at a time
-// with it too. In isolation (hot cache, per layer): 1 row x 1 query, 256 keys 8 us; 2 rows x 4
-// queries (a verify), 1000 keys 97 us (158 us with P.V in fp32 FMAs; compute-bound there).
+// with it too. In isolation (hot cache, per layer, 2 cores): 1 row x 1 query, 256 keys 6-8 us;
+// 2 rows x 4 queries (a verify), 1000 keys 68 us (158 us with P.V in fp32 FMAs and each
+// query's scores summed horizontally; compute-bound there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -23,6 +24,8 @@
 namespace {
 
 constexpr int64_t kKeys = 16;  // keys per score block (one vector of scores)
+constexpr int64_t kManyQueries = 6;  // queries per kv head from which scores go through transposed keys
+constexpr int kQueriesPerPass = 12;  // their accumulators in registers
 
 // v[i] holds partial sums of score i → one vector whose lane i is the total of v[i]
 inline __m512 sum16(const __m512* v) {
@@ -34,6 +37,29 @@ inline __m512 sum16(const __m512* v) {
   const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x88), _mm512_shuffle_f32x4(s[0], s[1], 0xDD));
   const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(s[2], s[3], 0x88), _mm512_shuffle_f32x4(s[2], s[3], 0xDD));
   return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
+// r[i] lane j → r[j] lane i: a 16 x 16 transpose of 32-bit elements
+inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int a = 0; a < 8; ++a) {  // per 128 bits: [r2a[j], r2a+1[j], r2a[j+1], r2a+1[j+1]]
+    t[2 * a] = _mm512_unpacklo_epi32(r[2 * a], r[2 * a + 1]);
+    t[2 * a + 1] = _mm512_unpackhi_epi32(r[2 * a], r[2 * a + 1]);
+  }
+  for (int b = 0; b < 4; ++b) {  // u[4b+c], 128-bit lane L: element 4L+c of rows 4b..4b+3
+    u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+    u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+    u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+    u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // element 4L+c: 128-bit lane L of u[c], u[4+c], u[8+c], u[12+c]
+    const __m512i x01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), x23 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i y01 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), y23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(x01, y01, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x01, y01, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(x23, y23, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(x23, y23, 0xDD);
+  }
 }
 
 inline void prefetch_row(const uint16_t* row, int64_t bytes) {
@@ -52,41 +78,74 @@ void attend_chunk(const uint16_t* qp, const int64_t* qs, const uint16_t* kp, con
   auto key = [&](int64_t s, int64_t hk) { return kp + bi * ks[0] + s * ks[1] + hk * ks[2]; };
   auto value = [&](int64_t s, int64_t hk) { return vp + bi * vs[0] + s * vs[1] + hk * vs[2]; };
   for (int64_t s = s0; s < std::min(s1, s0 + kKeys); ++s) prefetch_row(key(s, 0), krow);
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t qi = h * T + t, hk = h / g;
+  auto prefetch_block = [&](int64_t sb) {  // this block's values (for P.V) and the next block's keys
+    for (int64_t s = sb; s < std::min(s1, sb + kKeys); ++s) {
+      prefetch_row(value(s, 0), vrow);
+      if (s + kKeys < s1) prefetch_row(key(s + kKeys, 0), krow);
+    }
+  };
+  const __m512 vscale = _mm512_set1_ps(scale);
+  if (g * T >= kManyQueries) {
+    // Many queries per kv head (verify): transpose each block of 16 keys once into D/2 vectors of
+    // bf16 pairs (lane i: key i), so each query's 16 scores are D/2 vdpbf16ps with its pair of
+    // dimensions broadcast, with no horizontal sums.
+    for (int64_t sb = s0; sb < s1; sb += kKeys) {
+      prefetch_block(sb);
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        __m512i kt[D / 2];
+        for (int half = 0; half < D / 32; ++half) {
+          __m512i r[16];
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(key(std::min(sb + i, s1 - 1), hk) + 32 * half);
+          transpose16(r);
+          for (int j = 0; j < 16; ++j) kt[16 * half + j] = r[j];
+        }
+        for (int64_t qb = hk * g * T; qb < (hk + 1) * g * T; qb += kQueriesPerPass) {
+          const int64_t nq = std::min<int64_t>(kQueriesPerPass, (hk + 1) * g * T - qb);
+          const uint32_t* qd[kQueriesPerPass];
+          for (int j = 0; j < nq; ++j)
+            qd[j] = reinterpret_cast<const uint32_t*>(qp + bi * qs[0] + (qb + j) % T * qs[1] + (qb + j) / T * qs[2]);
+          __m512 acc[kQueriesPerPass];
+          for (int j = 0; j < kQueriesPerPass; ++j) acc[j] = _mm512_setzero_ps();
+          for (int d = 0; d < D / 2; ++d)
+            for (int j = 0; j < nq; ++j)
+              acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)kt[d], (__m512bh)_mm512_set1_epi32(static_cast<int>(qd[j][d])));
+          for (int j = 0; j < nq; ++j) _mm512_storeu_ps(sc + (qb + j) * stride + (sb - s0), _mm512_mul_ps(acc[j], vscale));
+        }
+      }
+    }
+  } else {
+    for (int64_t qi = 0; qi < Q; ++qi) {  // qi = h * T + t
+      const int64_t h = qi / T, t = qi % T, hk = h / g;
       const uint16_t* qr = qp + bi * qs[0] + t * qs[1] + h * qs[2];
       __m512bh qv[D / 32];
       for (int d = 0; d < D / 32; ++d) qv[d] = (__m512bh)_mm512_loadu_si512(qr + 32 * d);
-      float* row = sc + qi * stride;
-      const bool first = qi == 0;  // the pass that streams the rows in: prefetch a block ahead
       for (int64_t sb = s0; sb < s1; sb += kKeys) {
-        if (first)  // this block's values (for P.V) and the next block's keys
-          for (int64_t s = sb; s < std::min(s1, sb + kKeys); ++s) {
-            prefetch_row(value(s, 0), vrow);
-            if (s + kKeys < s1) prefetch_row(key(s + kKeys, 0), krow);
-          }
+        if (qi == 0) prefetch_block(sb);  // the pass that streams the rows in
         __m512 acc[kKeys];
         for (int64_t i = 0; i < kKeys; ++i) {
           const uint16_t* kr = key(std::min(sb + i, s1 - 1), hk);
           acc[i] = _mm512_setzero_ps();
           for (int d = 0; d < D / 32; ++d) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(kr + 32 * d), qv[d]);
         }
-        _mm512_storeu_ps(row + (sb - s0), _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+        _mm512_storeu_ps(sc + qi * stride + (sb - s0), _mm512_mul_ps(sum16(acc), vscale));
       }
-      // softmax over the keys this query may see (the rest weigh 0)
-      const int64_t seen = std::max<int64_t>(0, std::min(visible[t], s1) - s0);
-      float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-      for (int64_t j = 0; j < seen; ++j) mx = std::max(mx, row[j]);
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < seen; ++j) {
-        row[j] = efficientrollout::exp_nonpositive(row[j] - mx);
-        sum += row[j];
-      }
-      std::fill(row + seen, row + stride, 0.f);
-      pm[qi] = mx;
-      psum[qi] = sum;
     }
+  }
+  for (int64_t qi = 0; qi < Q; ++qi) {  // softmax over the keys each query may see (the rest weigh 0)
+    const int64_t t = qi % T;
+    float* row = sc + qi * stride;
+    const int64_t seen = std::max<int64_t>(0, std::min(visible[t], s1) - s0);
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t j = 0; j < seen; ++j) mx = std::max(mx, row[j]);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < seen; ++j) {
+      row[j] = efficientrollout::exp_nonpositive(row[j] - mx);
+      sum += row[j];
+    }
+    std::fill(row + seen, row + stride, 0.f);
+    pm[qi] = mx;
+    psum[qi] = sum;
+  }
   // P.V with vdpbf16ps over pairs of keys: the probabilities rounded to bf16 (as the reference
   // path's probs.to(bf16) @ values), each pair's two value rows interleaved per dimension
   // (unpack*_epi16 within 128-bit lanes, so accumulator lane l of vector m holds dimension
