@@ -121,3 +121,14 @@ def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir):
             slow = runner.forward(tokens, positions, kv_len=10, decoder=decoder)
             decoder.invalidate_fused()
             assert torch.equal(fused, slow)
+
+
+@pytest.mark.skipif(OPS is None or not OPS.f32_gemv_available(), reason="the fp32 streamed linear needs AVX2 and FMA")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 12])
+def test_f32_streamed_linear_matches_f_linear(rows):
+    torch.manual_seed(rows)
+    x, w, bias = torch.randn(rows, 96), torch.randn(200, 96), torch.randn(200)
+    for b in (None, bias):
+        torch.testing.assert_close(OPS.f32_gemv(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="1-12 rows"):
+        OPS.f32_gemv(torch.randn(13, 96), w, None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "attention_cpu.cpp", "gemv_cpu.cpp", "layer_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "attention_cpu.cpp", "gemv_cpu.cpp", "gemv_f32_cpu.cpp", "layer_cpu.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -58,3 +58,15 @@ def gemv_ops(weight: torch.Tensor):
         return None
     kernels = cpu_ops()
     return kernels if kernels is not None and kernels.bf16_gemv_available() else None
+
+
+def streamed_linear_op(weight: torch.Tensor):
+    """Our kernel for 1-12-row linears over `weight`, where one serves it: `bf16_gemv` for bf16
+    weights (gemv_ops), `f32_gemv` for fp32 weights rows a multiple of 8 wide on AVX2+FMA CPUs;
+    else None."""
+    if (kernels := gemv_ops(weight)) is not None:
+        return kernels.bf16_gemv
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.shape[-1] % 8:
+        return None
+    kernels = cpu_ops()
+    return kernels.f32_gemv if kernels is not None and kernels.f32_gemv_available() else None

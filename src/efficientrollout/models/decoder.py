@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import cpu_ops, gemv_ops
+from ..kernels import cpu_ops, streamed_linear_op
 from .config import ModelConfig
 
 
@@ -63,37 +63,39 @@ class Linear(nn.Linear):
     On AVX512-BF16 CPUs, 1-12 rows of a layer-sized bf16 linear run our weight-streaming kernel
     (kernels/gemv_cpu.cpp) instead: all 120 layer linears of SmolLM2 take 0.81x oneDNN's time
     at 1 row, 0.84x at 2, 0.92x at 4, 0.75x at 8, 0.79x at 12 (2 cores); at 16 rows it is
-    compute-bound and 1.1x. oneDNN keeps large weights (the LM head, where it streams at
-    ~80 GB/s) and larger batches."""
+    compute-bound and 1.1x. On AVX2+FMA CPUs, fp32 weights take our fp32 kernel
+    (kernels/gemv_f32_cpu.cpp) at 1-12 rows: 0.81x oneDNN's time at 1 row, 0.62x at 4 (2-core
+    AVX512 CPU, fp32 engine; unmeasured on an AVX2-only CPU). oneDNN keeps large weights (the LM
+    head, where it streams at ~80 GB/s) and larger batches."""
 
     packed: Tensor | None = None
-    gemv = None  # our bf16 kernel namespace where it serves this linear
+    stream = None  # our kernel for 1-12 rows of this linear (bf16_gemv, f32_gemv), where one serves it
 
     def pack(self) -> None:
         w = self.weight
-        self.packed = self.gemv = None
+        self.packed = self.stream = None
         if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
             except RuntimeError:  # e.g. bf16 on a CPU without AVX512: keep the default GEMM
                 pass
         if w.numel() <= GEMV_MAX_WEIGHT:
-            self.gemv = gemv_ops(w)
+            self.stream = streamed_linear_op(w)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.gemv is not None and x2.shape[0] <= GEMV_MAX_ROWS:
-            y = self.gemv.bf16_gemv(x2, self.weight, self.bias)
-        else:
+        if self.stream is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+            y = self.stream(x2, self.weight, self.bias)
+        elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        else:
+            return F.linear(x, self.weight, self.bias)
         return y.view(*lead, y.shape[-1])
 
     def gemv_weights(self) -> list[Tensor] | None:
-        """The weights as `decode_layer` takes them, where our kernel serves this linear."""
-        return None if self.gemv is None else [self.weight]
+        """The weights as `decode_stack` takes them, where our bf16 kernel serves this linear."""
+        return [self.weight] if self.stream is not None and self.weight.dtype == torch.bfloat16 else None
 
 
 GEMV_MAX_ROWS = 12
