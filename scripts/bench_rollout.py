@@ -51,10 +51,10 @@ def run_wave(engine: NativeEngine, requests) -> dict:
     }
 
 
-def steady_throughput(engine: NativeEngine, batch: int, tokens: int) -> float:
+def steady_throughput(engine: NativeEngine, batch: int, tokens: int, seed: int = 0) -> float:
     """Decode tokens/s while all `batch` samples are running (steps at full batch only)."""
     requests = [RolloutRequest(id=str(i), prompt=PROMPTS[i % 16], sampling=SamplingParams(
-        temperature=1.0, max_new_tokens=tokens, ignore_eos=True, seed=i)) for i in range(batch)]
+        temperature=1.0, max_new_tokens=tokens, ignore_eos=True, seed=seed + i)) for i in range(batch)]
     engine.generate(requests)
     full = [s for s in engine.trace if s.batch == batch]
     return sum(s.emitted for s in full) / sum(s.seconds for s in full)
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="waves per mode, interleaved; the fastest counts")
     ap.add_argument("--sweep-batches", default="1,2,4,8,16,32,64")
-    ap.add_argument("--sweep-tokens", type=int, default=32)
+    ap.add_argument("--sweep-tokens", type=int, default=32, help="tokens per sample, and at least 512 per batch")
     ap.add_argument("--sweep-repeats", type=int, default=3, help="interleaved repeats per batch size; medians count")
     ap.add_argument("--sweep-k", type=int, default=8)
     ap.add_argument("--png", default="out/rollout_timeline.png")
@@ -116,12 +116,16 @@ def main() -> None:
     with tqdm(total=len(batches) * len(variants) * a.sweep_repeats, desc="steady-state sweep") as bar:
         for b in batches:
             runs: dict[str, list[float]] = {name: [] for name, _ in variants}
-            for _ in range(a.sweep_repeats):
+            # Each repeat draws new seeds and each run emits >= 512 tokens: at batch 1, 64 tokens
+            # with the same seeds in every repeat were ~10 speculative steps whose acceptance luck
+            # repeated exactly, and the best of 9 fixed K then won by luck (the winner's curse).
+            tokens = max(a.sweep_tokens, 512 // b)
+            for repeat in range(a.sweep_repeats):
                 for name, spec in variants:
                     use_mode(engine, None, **spec)
                     if name == "adaptive":
-                        steady_throughput(engine, b, a.sweep_tokens)
-                    runs[name].append(steady_throughput(engine, b, a.sweep_tokens))
+                        steady_throughput(engine, b, tokens, seed=10_000 * repeat + 5_000)
+                    runs[name].append(steady_throughput(engine, b, tokens, seed=10_000 * repeat))
                     bar.update()
             row = {"batch": b} | {name: round(float(np.median(v)), 1) for name, v in runs.items()}
             fixed = {k: v for k, v in row.items() if k not in ("batch", "adaptive")}
