@@ -74,14 +74,14 @@ void attend_chunk(const uint16_t* qp, const int64_t* qs, const uint16_t* kp, con
                   int64_t s1, float scale, float* sc, float* pm, float* psum, float* pacc) {
   constexpr int QB = 256 / D;  // queries per P.V pass: QB * D/16 = 16 accumulators in registers
   const int64_t g = H / Hkv, Q = H * T, n = s1 - s0, stride = (n + 31) / 32 * 32;  // scores per query, padded
-  const int64_t krow = Hkv * D * 2, vrow = Hkv * D * 2;  // bytes per key / value row (all heads)
+  const int64_t row_bytes = Hkv * D * 2;  // one position's keys (or values), all heads
   auto key = [&](int64_t s, int64_t hk) { return kp + bi * ks[0] + s * ks[1] + hk * ks[2]; };
   auto value = [&](int64_t s, int64_t hk) { return vp + bi * vs[0] + s * vs[1] + hk * vs[2]; };
-  for (int64_t s = s0; s < std::min(s1, s0 + kKeys); ++s) prefetch_row(key(s, 0), krow);
+  for (int64_t s = s0; s < std::min(s1, s0 + kKeys); ++s) prefetch_row(key(s, 0), row_bytes);
   auto prefetch_block = [&](int64_t sb) {  // this block's values (for P.V) and the next block's keys
     for (int64_t s = sb; s < std::min(s1, sb + kKeys); ++s) {
-      prefetch_row(value(s, 0), vrow);
-      if (s + kKeys < s1) prefetch_row(key(s + kKeys, 0), krow);
+      prefetch_row(value(s, 0), row_bytes);
+      if (s + kKeys < s1) prefetch_row(key(s + kKeys, 0), row_bytes);
     }
   };
   const __m512 vscale = _mm512_set1_ps(scale);
@@ -131,21 +131,8 @@ void attend_chunk(const uint16_t* qp, const int64_t* qs, const uint16_t* kp, con
       }
     }
   }
-  for (int64_t qi = 0; qi < Q; ++qi) {  // softmax over the keys each query may see (the rest weigh 0)
-    const int64_t t = qi % T;
-    float* row = sc + qi * stride;
-    const int64_t seen = std::max<int64_t>(0, std::min(visible[t], s1) - s0);
-    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    for (int64_t j = 0; j < seen; ++j) mx = std::max(mx, row[j]);
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < seen; ++j) {
-      row[j] = efficientrollout::exp_nonpositive(row[j] - mx);
-      sum += row[j];
-    }
-    std::fill(row + seen, row + stride, 0.f);
-    pm[qi] = mx;
-    psum[qi] = sum;
-  }
+  for (int64_t qi = 0; qi < Q; ++qi)  // softmax over the keys each query may see (the rest weigh 0)
+    std::tie(pm[qi], psum[qi]) = efficientrollout::partial_softmax(sc + qi * stride, std::min(visible[qi % T], s1) - s0, stride);
   // P.V with vdpbf16ps over pairs of keys: the probabilities rounded to bf16 (as the reference
   // path's probs.to(bf16) @ values), each pair's two value rows interleaved per dimension
   // (unpack*_epi16 within 128-bit lanes, so accumulator lane l of vector m holds dimension

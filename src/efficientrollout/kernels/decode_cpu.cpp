@@ -111,20 +111,8 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
           }
         }
       }
-      for (int64_t qi = 0; qi < Q; ++qi) {  // local softmax over the keys this query may see
-        const int64_t n = std::min(visible(bi, qi % T), s1) - s0;
-        float* sr = &sc[qi * chunk];
-        float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; ++j) {
-          sr[j] = efficientrollout::exp_nonpositive(sr[j] - mx);
-          sum += sr[j];
-        }
-        for (int64_t j = std::max<int64_t>(n, 0); j < s1 - s0; ++j) sr[j] = 0.f;
-        pm[qi] = mx;
-        psum[qi] = sum;
-      }
+      for (int64_t qi = 0; qi < Q; ++qi)  // local softmax over the keys this query may see
+        std::tie(pm[qi], psum[qi]) = efficientrollout::partial_softmax(&sc[qi * chunk], std::min(visible(bi, qi % T), s1) - s0, s1 - s0);
       for (int64_t s = s0; s < s1; ++s) {
         const scalar_t* vsrc = vp + bi * vs[0] + s * vs[1];
         for (int64_t hh = 0; hh < hpu; ++hh)

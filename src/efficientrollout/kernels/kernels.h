@@ -7,6 +7,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <tuple>
+#include <utility>
 
 namespace efficientrollout {
 
@@ -30,6 +33,21 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// One query's softmax over a chunk of keys, unnormalised: row[0..seen) becomes e^(score - max),
+// row[seen..len) (keys it may not see) 0. Returns the max (-inf when it sees none) and the sum,
+// which the chunks' merge combines.
+inline std::pair<float, float> partial_softmax(float* row, int64_t seen, int64_t len) {
+  seen = std::max<int64_t>(seen, 0);
+  float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+  for (int64_t j = 0; j < seen; ++j) mx = std::max(mx, row[j]);
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < seen; ++j) {
+    row[j] = exp_nonpositive(row[j] - mx);
+    sum += row[j];
+  }
+  std::fill(row + seen, row + len, 0.f);
+  return {mx, sum};
+}
 
 // bf16 decode attention on AVX512-BF16 CPUs into `out`; false where it does not serve (dtype, head_dim)
 bool attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,

@@ -236,7 +236,7 @@ class Decoder(nn.Module):
         rows=None, kv_len=n: decode/verify for cache slots 0..b-1 attending positions < n.
         rows=slots, kv_len=None: prefill of prompts (starting at position 0) into those slots.
         """
-        if kv_len is not None and tokens.numel() <= GEMV_MAX_ROWS and (layers := self.fused_layers()) is not None and cpu_ops() is not None:
+        if kv_len is not None and tokens.numel() <= GEMV_MAX_ROWS and (layers := self.fused_layers()) is not None:
             return self._forward_fused(tokens, positions, cache, kv_len, layers)
         ctx = StepContext(positions, rows, kv_len, None if kv_len is None else self.decode_kernels(tokens))
         x = self.embed(tokens)

@@ -182,13 +182,18 @@ class VocabHead(nn.Module):
         self.ids: Tensor | None = None  # the kept tokens, ascending; None: the full vocabulary
         self._chosen_at = 0  # tokens observed when the subset was last chosen
 
+    @property
+    def enabled(self) -> bool:
+        return 0 < self.size < self.vocab
+
     def observe(self, tokens: list[int]) -> None:
-        np.add.at(self.counts, np.asarray(tokens, np.int64), 1)
+        if self.enabled:  # off (the default): nothing to count for
+            np.add.at(self.counts, np.asarray(tokens, np.int64), 1)
 
     def refresh(self) -> bool:
         """Choose the subset (again) if the observed count has doubled since; True if it did."""
         seen = int(self.counts.sum())
-        if not 0 < self.size < self.vocab or seen < max(self.size, 2 * self._chosen_at):
+        if not self.enabled or seen < max(self.size, 2 * self._chosen_at):
             return False
         ids = np.sort(np.argsort(-self.counts, kind="stable")[: self.size])
         self.ids = torch.from_numpy(ids).to(self.full.weight.device)
