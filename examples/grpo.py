@@ -3,8 +3,10 @@
 The task: simple questions with "Answer in one word." The reward is an exact check of the
 format: 1 for a reply that is one word and ends on its own (EOS), 0.5 for at most five words,
 0 otherwise. The bundled 135M model at temperature 1 rambles (about 15% of replies score), so
-the reward has room to rise, and it does within a few steps on a CPU; as it rises, responses
-shorten, while the unlucky ones still run to the token limit: every rollout has a tail. Each step:
+the reward has room to rise, and it does within a few steps on a CPU. Nothing in the reward
+asks for brevity beyond the format, and the token limit is high (--max-new-tokens 384): replies
+run from one word to hundreds of tokens, and a few rambling ones decide when each rollout ends,
+as in real RL traces; as the reward rises, responses shorten. Each step:
 
     rollout   RolloutClient: P prompts × G samples at temperature 1, asking for the current
               version (min_policy_version); the fleet streams the results back
@@ -13,6 +15,12 @@ shorten, while the unlucky ones still run to the token limit: every rollout has 
               ratio exp(logp_trainer - logp_engine) on the log-probs the engines returned
     publish   PolicyPublisher.publish(state_dict) → version v+1; engines load it between waves
 
+Modes (--modes, each on a fresh fleet, same seeds): SPECULATION-sync waits for each batch, trains,
+publishes and waits until the engines serve the new version; SPECULATION-async keeps
+--max-staleness batches generating while the trainer trains (see `run`). The trainer and the
+engines are pinned to separate CPUs (--engine-cpus), as they would be separate GPUs: on shared
+cores the overlap could not show.
+
 Log-prob parity: that ratio is only meaningful if the engines compute log-probs in the
 trainer's precision. The trainer here is fp32, so the engines are asked for fp32 (`--engine-dtype
 float32`, the default): the gap is then ~1e-5 nats. Every result says the dtype its log-probs
@@ -20,9 +28,8 @@ were computed in; with bf16 engines (`--engine-dtype auto` on a bf16-capable mac
 example warns and reports the gap (for SmolLM2 about 0.045 nats mean, 0.3-0.5 at single
 tokens), which the ratio then carries as noise.
 
-By default it starts its own fleet (embedded Redis, policy server, one engine) once per
-speculation mode and runs the same steps with the same seeds under `plain` and `adaptive`, then
-prints the comparison. Point it at a running fleet with --redis/--policy/--token instead.
+By default it starts its own fleet (embedded Redis, policy server, one engine) once per mode
+and runs plain-sync, adaptive-sync and adaptive-async, then prints the comparison. Point it at a running fleet with --redis/--policy/--token instead.
 Prints a table per mode and a JSON line last.
 """
 
@@ -32,9 +39,11 @@ import argparse
 import json
 import random
 import re
+import os
 import statistics
 import sys
 import time
+from collections import deque
 
 import anyio
 import torch
@@ -73,9 +82,15 @@ def reward(result: RolloutResult) -> float:
     return 0.5 if len(result.text.split()) <= 5 else 0.0
 
 
-def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float, micro_batch: int = 8):
+def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float, dual_clip: float = 3.0, micro_batch: int = 8):
     """Token-mean PPO-clipped loss, backpropagated in length-sorted micro-batches (less padding);
-    returns the trainer's log-probs of the sampled tokens, for the mismatch check."""
+    returns the trainer's log-probs of the sampled tokens, for the mismatch check.
+
+    The ratio is the trainer's probability over the one of the engine that sampled the token,
+    at the version it sampled with: for a stale sample (asynchronous mode) it is the importance
+    weight from the behaviour policy to the current one, PPO-clipped at 1 +- clip; for negative
+    advantages the dual clip bounds the objective at dual_clip * advantage, so a token the
+    policy has since made much likelier cannot dominate (dual-clip PPO, Ye et al. 2020)."""
     total_tokens = sum(len(s.output_token_ids) for s in samples)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_token_ids) + len(samples[i].output_token_ids))
     trainer_lps: dict[int, torch.Tensor] = {}
@@ -92,13 +107,20 @@ def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip
             start = len(s.prompt_token_ids) - 1  # logits at position p predict token p + 1
             lp = logp_all[row, start: start + len(s.output_token_ids)]
             ratio = torch.exp(lp - torch.tensor(s.logprobs))  # trainer vs the engine that sampled it
-            loss = loss - torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).sum()
+            objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+            if adv < 0:
+                objective = torch.maximum(objective, torch.tensor(dual_clip * adv))
+            loss = loss - objective.sum()
             trainer_lps[i] = lp.detach()
         (loss / total_tokens).backward()
     return [trainer_lps[i] for i in range(len(samples))]
 
 
-def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, fleet: Fleet | None) -> list[dict]:
+async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, fleet: Fleet | None, asynchronous: bool) -> list[dict]:
+    """The training loop. Synchronous: roll out batch t at version t, train, publish t+1, wait
+    until the fleet serves it. Asynchronous: batches t+1..t+S (S = --max-staleness) generate
+    while the trainer trains on batch t, so every sample is at most S versions behind the
+    weights it trains; publishing does not wait for the engines (they switch between waves)."""
     from transformers import AutoModelForCausalLM
 
     from efficientrollout.models.checkpoint import resolve_model
@@ -114,66 +136,81 @@ def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str, flee
     trainer_dtype = "float32"
     warned = False
     rows = []
+    lead = a.max_staleness if asynchronous else 0  # batches generating ahead of the one trained on
 
-    async def rollout(requests):
-        async with RolloutClient(redis_url) as client:
-            return await client.generate(requests, timeout=1800)
+    def batch(step: int, min_version: int) -> list[RolloutRequest]:
+        return [RolloutRequest(id=f"s{step}-p{i}-{time.time_ns()}", messages=[ChatMessage("user", q)], min_policy_version=min_version,
+                               sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens,
+                                                       seed=a.seed * 1_000_003 + step * 1000 + i))
+                for i, q in enumerate(make_prompts(step, a.prompts, a.seed))]
 
-    for step in range(a.steps):
-        prompts = make_prompts(step, a.prompts, a.seed)
-        requests = [RolloutRequest(id=f"s{step}-p{i}-{time.time_ns()}", messages=[ChatMessage("user", q)], min_policy_version=version,
-                                   sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens,
-                                                           seed=a.seed * 1_000_003 + step * 1000 + i))
-                    for i, q in enumerate(prompts)]
-        t0 = time.perf_counter()
-        groups = anyio.run(rollout, requests)
-        rollout_s = time.perf_counter() - t0
+    def train(samples: list[RolloutResult], advantages: list[float]) -> list[float]:
+        model.train()
+        optimizer.zero_grad()
+        trainer_lps = grpo_loss(model, samples, advantages, a.clip, a.dual_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return [float(x) for s, lp in zip(samples, trainer_lps) for x in (lp - torch.tensor(s.logprobs)).abs()]
 
-        samples, advantages, rewards = [], [], []
-        for group in groups:
-            r = [reward(s) for s in group]
-            rewards += r
-            mean, std = statistics.fmean(r), statistics.pstdev(r)
-            samples += group  # a group where every sample scored the same gets advantage 0: no push
-            advantages += [(x - mean) / (std + 1e-6) for x in r]
-        assert all(s.finish_reason != "error" for g in groups for s in g), [s.error for g in groups for s in g if s.error][:3]
+    def publish() -> int:
+        v = publisher.publish({k: v.detach() for k, v in model.state_dict().items()})
+        if fleet is not None and not asynchronous:
+            fleet.wait_for_version(v, timeout=300)
+        return v
 
-        t0 = time.perf_counter()
-        gaps = []
-        if samples:
-            model.train()
-            optimizer.zero_grad()
-            trainer_lps = grpo_loss(model, samples, advantages, a.clip)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            gaps = [float(x) for s, lp in zip(samples, trainer_lps) for x in (lp - torch.tensor(s.logprobs)).abs()]
-        train_s = time.perf_counter() - t0
+    async with RolloutClient(redis_url) as client:
+        ahead = deque([await client.start(batch(step, version)) for step in range(min(lead + 1, a.steps))])
+        for step in range(a.steps):
+            t_step = time.perf_counter()
+            rollout = ahead.popleft()
+            groups = await rollout.groups(timeout=1800)
+            rollout_s = time.perf_counter() - t_step
+            assert all(s.finish_reason != "error" for g in groups for s in g), [s.error for g in groups for s in g if s.error][:3]
+            # the bound: a group sampled more than `lead` versions before the weights it would
+            # train is not used (min_policy_version makes that impossible on this fleet; an
+            # engine that ignored it would be caught here)
+            fresh = [g for g in groups if version - min(s.policy_version for s in g) <= lead]
+            samples, advantages, rewards = [], [], []
+            for group in fresh:
+                r = [reward(s) for s in group]
+                rewards += r
+                mean, std = statistics.fmean(r), statistics.pstdev(r)
+                samples += group  # a group where every sample scored the same gets advantage 0: no push
+                advantages += [(x - mean) / (std + 1e-6) for x in r]
 
-        t0 = time.perf_counter()
-        version = publisher.publish({k: v.detach() for k, v in model.state_dict().items()})
-        if fleet is not None:
-            fleet.wait_for_version(version, timeout=300)
-        sync_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            gaps = await anyio.to_thread.run_sync(train, samples, advantages) if samples else []
+            train_s = time.perf_counter() - t0
+            staleness = [version - s.policy_version for s in samples]
 
-        engine_dtypes = sorted({s.dtype for s in samples})
-        if engine_dtypes != [trainer_dtype] and not warned:  # the ratio exp(logp_trainer - logp_engine) is then noisy
-            print(f"warning: the engines computed log-probs in {', '.join(engine_dtypes)}, the trainer in {trainer_dtype}: "
-                  f"the PPO ratio carries their gap (this step: mean {statistics.fmean(gaps):.3f}, max {max(gaps):.3f} nats); "
-                  f"start the engines with --dtype {trainer_dtype} for parity", file=sys.stderr, flush=True)
-            warned = True
-        used_versions = sorted({s.policy_version for s in samples})
-        lengths = [len(s.output_token_ids) for g in groups for s in g]
-        row = {"step": step, "mean_reward": round(statistics.fmean(rewards), 3), "rollout_s": round(rollout_s, 2),
-               "train_s": round(train_s, 2), "sync_s": round(sync_s, 2),
-               "rollout_share": round(rollout_s / (rollout_s + train_s + sync_s), 3),
-               "sample_versions": used_versions, "expected_version": requests[0].min_policy_version,
-               "engine_dtypes": engine_dtypes, "trainer_dtype": trainer_dtype,
-               "logprob_gap_mean": round(statistics.fmean(gaps), 7) if gaps else None,
-               "logprob_gap_max": round(max(gaps), 7) if gaps else None,
-               "tokens": sum(lengths), "max_len": max(lengths), "median_len": statistics.median(lengths),
-               "published": version}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            t0 = time.perf_counter()
+            version = await anyio.to_thread.run_sync(publish)
+            sync_s = time.perf_counter() - t0
+            if step + lead + 1 < a.steps:  # the next batch asks for the weights just published
+                ahead.append(await client.start(batch(step + lead + 1, version)))
+            step_s = time.perf_counter() - t_step
+
+            engine_dtypes = sorted({s.dtype for s in samples})
+            if engine_dtypes != [trainer_dtype] and not warned:  # the ratio exp(logp_trainer - logp_engine) is then noisy
+                print(f"warning: the engines computed log-probs in {', '.join(engine_dtypes)}, the trainer in {trainer_dtype}: "
+                      f"the PPO ratio carries their gap (this step: mean {statistics.fmean(gaps):.3f}, max {max(gaps):.3f} nats); "
+                      f"start the engines with --dtype {trainer_dtype} for parity", file=sys.stderr, flush=True)
+                warned = True
+            lengths = [len(s.output_token_ids) for g in groups for s in g]
+            row = {"step": step, "mean_reward": round(statistics.fmean(rewards), 3) if rewards else None,
+                   "rollout_s": round(rollout_s, 2), "train_s": round(train_s, 2), "sync_s": round(sync_s, 2),
+                   "step_s": round(step_s, 2), "rollout_share": round(rollout_s / step_s, 3),
+                   "sample_versions": sorted({s.policy_version for g in groups for s in g}),
+                   "expected_version": rollout.requests[0].min_policy_version,
+                   "staleness_max": max(staleness, default=0), "staleness_mean": round(statistics.fmean(staleness), 2) if staleness else 0,
+                   "dropped_groups": len(groups) - len(fresh),
+                   "engine_dtypes": engine_dtypes, "trainer_dtype": trainer_dtype,
+                   "logprob_gap_mean": round(statistics.fmean(gaps), 7) if gaps else None,
+                   "logprob_gap_max": round(max(gaps), 7) if gaps else None,
+                   "tokens": sum(lengths), "max_len": max(lengths), "median_len": statistics.median(lengths),
+                   "published": version}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -185,12 +222,12 @@ def _current_version(policy_url: str) -> int:
 
 def print_table(mode: str, rows: list[dict]) -> None:
     print(f"\n{mode}")
-    print(f"{'step':>4} {'reward':>7} {'rollout s':>10} {'train s':>8} {'sync s':>7} {'rollout %':>9} {'versions':>9} "
-          f"{'gap mean':>9} {'gap max':>9} {'tokens':>7} {'max len':>7}")
+    print(f"{'step':>4} {'reward':>7} {'step s':>7} {'rollout s':>10} {'train s':>8} {'sync s':>7} {'rollout %':>9} {'versions':>9} "
+          f"{'stale':>6} {'gap mean':>9} {'gap max':>9} {'tokens':>7} {'max len':>7}")
     for r in rows:
-        print(f"{r['step']:>4} {r['mean_reward']:>7} {r['rollout_s']:>10} {r['train_s']:>8} {r['sync_s']:>7} "
-              f"{100 * r['rollout_share']:>8.0f}% {str(r['sample_versions']):>9} {str(r['logprob_gap_mean']):>9} "
-              f"{str(r['logprob_gap_max']):>9} {r['tokens']:>7} {r['max_len']:>7}")
+        print(f"{r['step']:>4} {str(r['mean_reward']):>7} {r['step_s']:>7} {r['rollout_s']:>10} {r['train_s']:>8} {r['sync_s']:>7} "
+              f"{100 * r['rollout_share']:>8.0f}% {str(r['sample_versions']):>9} {r['staleness_max']:>6} "
+              f"{str(r['logprob_gap_mean']):>9} {str(r['logprob_gap_max']):>9} {r['tokens']:>7} {r['max_len']:>7}")
 
 
 def main() -> None:
@@ -198,56 +235,92 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=8, help="questions per step")
     ap.add_argument("--group", type=int, default=4, help="samples per problem (the GRPO group)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train-layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--clip", type=float, default=0.2)
+    ap.add_argument("--dual-clip", type=float, default=3.0, help="bound of the objective for negative advantages (x advantage)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local HF directory")
-    ap.add_argument("--modes", default="plain,adaptive", help="speculation modes to compare, each on a fresh fleet")
+    ap.add_argument("--modes", default="plain-sync,adaptive-sync,adaptive-async",
+                    help="SPECULATION[-sync|-async] runs to compare, each on a fresh fleet with the same seeds (no suffix: sync)")
+    ap.add_argument("--max-staleness", type=int, default=1, help="asynchronous modes: batches generating ahead of the trainer")
+    ap.add_argument("--engine-cpus", default="auto",
+                    help="CPUs for the engines, the trainer takes the rest ('auto': CPU 0 for the trainer, the others for "
+                         "the engines, as separate GPUs would be; 'shared': no pinning; or a list like 1,2,3)")
     ap.add_argument("--engine-dtype", default="float32", choices=["float32", "auto", "bfloat16"],
                     help="the engines' precision; float32 matches the fp32 trainer's log-probs (auto: bf16 where the CPU has it)")
     ap.add_argument("--redis", help="use a running fleet instead (with --policy and --token); one run, no comparison")
     ap.add_argument("--policy")
     ap.add_argument("--token")
     a = ap.parse_args()
+    modes = [m if m.endswith(("-sync", "-async")) else f"{m}-sync" for m in a.modes.split(",")]
+    for m in modes:
+        if m.rsplit("-", 1)[0] not in ("plain", "always", "toggle-ladder", "adaptive"):
+            ap.error(f"unknown mode {m!r}: SPECULATION[-sync|-async] with SPECULATION one of plain, always, toggle-ladder, adaptive")
+    engine_cpus = pin_cpus(a.engine_cpus)
 
     results: dict[str, list[dict]] = {}
     if a.redis:
-        results["fleet"] = run(a, a.redis, a.policy, a.token, Fleet(redis_url=a.redis))
+        results["fleet"] = anyio.run(run, a, a.redis, a.policy, a.token, Fleet(redis_url=a.redis), modes[0].endswith("-async"))
     else:
-        for mode in a.modes.split(","):
+        for mode in modes:
+            speculation, _, sync = mode.rpartition("-")
             print(f"\n== {mode}: starting a fleet ==", flush=True)
-            engine_args = ["--model", a.model, "--speculation", mode, "--max-seq-len", str(a.max_new_tokens + 192),
+            engine_args = ["--model", a.model, "--speculation", speculation, "--max-seq-len", str(a.max_new_tokens + 192),
                            "--dtype", a.engine_dtype]
-            with Fleet(1, engine_args=engine_args) as fleet:
-                results[mode] = run(a, fleet.redis_url, fleet.policy_url, fleet.token, fleet)
+            with Fleet(1, engine_args=engine_args, engine_cpus=engine_cpus) as fleet:
+                results[mode] = anyio.run(run, a, fleet.redis_url, fleet.policy_url, fleet.token, fleet, sync == "async")
     for mode, rows in results.items():
         print_table(mode, rows)
 
     summary = {"example": "grpo", "steps": a.steps, "prompts": a.prompts, "group": a.group, "model": a.model,
-               "engine_dtype": a.engine_dtype}
+               "max_new_tokens": a.max_new_tokens, "engine_dtype": a.engine_dtype, "max_staleness": a.max_staleness,
+               "engine_cpus": sorted(engine_cpus) if engine_cpus else "shared",
+               "trainer_cpus": sorted(os.sched_getaffinity(0))}
     for mode, rows in results.items():
+        step_s = sum(r["step_s"] for r in rows)
         summary[mode] = {
             "reward_first": rows[0]["mean_reward"], "reward_last": rows[-1]["mean_reward"],
             "rewards": [r["mean_reward"] for r in rows],
             "rollout_s": round(sum(r["rollout_s"] for r in rows), 2), "train_s": round(sum(r["train_s"] for r in rows), 2),
-            "sync_s": round(sum(r["sync_s"] for r in rows), 2),
-            "step_s": round(sum(r["rollout_s"] + r["train_s"] + r["sync_s"] for r in rows), 2),
+            "sync_s": round(sum(r["sync_s"] for r in rows), 2), "step_s": round(step_s, 2),
+            "rollout_share": round(sum(r["rollout_s"] for r in rows) / step_s, 3),
+            "staleness_max": max(r["staleness_max"] for r in rows),
+            "dropped_groups": sum(r["dropped_groups"] for r in rows),
             "logprob_gap_mean": max((r["logprob_gap_mean"] or 0.0) for r in rows),
             "logprob_gap_max": max((r["logprob_gap_max"] or 0.0) for r in rows),
+            # samples from another version than the batch asked for (sync: must be none)
             "stale_samples": sum(1 for r in rows for v in r["sample_versions"] if v != r["expected_version"]),
         }
-    if "plain" in summary and "adaptive" in summary:
-        p, s = summary["plain"], summary["adaptive"]
-        summary["rollout_time_ratio"] = round(s["rollout_s"] / p["rollout_s"], 3)
-        summary["step_time_ratio"] = round(s["step_s"] / p["step_s"], 3)
+    base = next((m for m in ("plain-sync", "plain") if m in summary), None)
+    if base is not None:
         def change(ratio: float) -> str:
             return f"×{ratio} ({abs(100 * (1 - ratio)):.1f}% {'lower' if ratio <= 1 else 'higher'})"
 
-        print(f"\nadaptive vs plain: rollout time {change(summary['rollout_time_ratio'])}, end-to-end step time "
-              f"{change(summary['step_time_ratio'])}; the paper reports 19.6% / 12.7% lower")
+        for mode in results:
+            if mode != base:
+                p, s = summary[base], summary[mode]
+                s["rollout_time_ratio"] = round(s["rollout_s"] / p["rollout_s"], 3)
+                s["step_time_ratio"] = round(s["step_s"] / p["step_s"], 3)
+                print(f"{mode} vs {base}: rollout time {change(s['rollout_time_ratio'])}, step time {change(s['step_time_ratio'])}")
+        print("(the paper reports 19.6% lower rollout time and 12.7% lower step time)")
     print(json.dumps(summary))
+
+
+def pin_cpus(spec: str) -> set[int] | None:
+    """Pin this process (the trainer, and the Redis and policy server it starts) and return the
+    engines' CPUs; None: no pinning."""
+    mine = os.sched_getaffinity(0)
+    if spec == "shared" or (spec == "auto" and len(mine) < 2):
+        return None
+    engines = set(sorted(mine)[1:]) if spec == "auto" else {int(c) for c in spec.split(",")}
+    trainer = mine - engines
+    if not trainer or not engines <= mine:
+        raise SystemExit(f"--engine-cpus {spec}: needs CPUs of {sorted(mine)} and at least one left for the trainer")
+    os.sched_setaffinity(0, trainer)
+    torch.set_num_threads(len(trainer))
+    return engines
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """The GRPO example closes the loop on a real fleet (tiny model, 2 steps): versions advance,
 every sample comes from the version the trainer asked for, rewards and log-prob gaps are finite
 and the engines' log-probs match the trainer's recomputation. With bf16 engines under the fp32
-trainer the example says so instead of training on the gap silently."""
+trainer the example says so instead of training on the gap silently. The asynchronous mode
+trains on samples at most --max-staleness versions old, and is compared with the sync modes."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +18,14 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grpo.py"
 
 def run_example(tiny_dir, *args: str) -> tuple[list[dict], dict, str]:
     out = subprocess.run([sys.executable, str(EXAMPLE), "--model", str(tiny_dir), "--prompts", "3", "--group", "2",
-                          "--max-new-tokens", "12", "--modes", "adaptive", *args], capture_output=True, text=True, timeout=600)
+                          "--max-new-tokens", "12", *args], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return [x for x in lines if "step" in x], lines[-1], out.stderr
 
 
 def test_grpo_example_short_run(tiny_dir):
-    steps, summary, stderr = run_example(tiny_dir, "--steps", "2")
+    steps, summary, stderr = run_example(tiny_dir, "--steps", "2", "--modes", "adaptive")
     assert [s["step"] for s in steps] == [0, 1]
     assert [s["published"] for s in steps] == [1, 2]  # each step publishes the next version
     for s in steps:
@@ -31,12 +33,34 @@ def test_grpo_example_short_run(tiny_dir):
         assert math.isfinite(s["mean_reward"]) and 0.0 <= s["mean_reward"] <= 1.0
         assert s["engine_dtypes"] == [s["trainer_dtype"]] == ["float32"]
         assert s["logprob_gap_max"] is not None and s["logprob_gap_max"] < 1e-3  # fp32 engine vs fp32 trainer
-    assert summary["adaptive"]["stale_samples"] == 0
+    assert summary["adaptive-sync"]["stale_samples"] == 0 and summary["adaptive-sync"]["staleness_max"] == 0
     assert "warning" not in stderr
 
 
 def test_grpo_example_warns_when_engines_run_another_precision(tiny_dir):
-    [step], _, stderr = run_example(tiny_dir, "--steps", "1", "--engine-dtype", "bfloat16")
+    [step], _, stderr = run_example(tiny_dir, "--steps", "1", "--modes", "adaptive", "--engine-dtype", "bfloat16")
     assert step["engine_dtypes"] == ["bfloat16"] and step["trainer_dtype"] == "float32"
     assert step["logprob_gap_max"] > 1e-3  # bf16 noise, reported
     assert "warning: the engines computed log-probs in bfloat16, the trainer in float32" in stderr
+
+
+def test_grpo_example_compares_sync_and_async_modes(tiny_dir):
+    steps, summary, _ = run_example(tiny_dir, "--steps", "3", "--modes", "plain-sync,adaptive-sync,adaptive-async")
+    assert [s["step"] for s in steps] == [0, 1, 2] * 3
+    asynchronous = steps[6:]
+    assert [s["published"] for s in asynchronous] == [1, 2, 3]
+    # batches 0 and 1 were queued at once, at version 0: step 1 trains version-0 samples with
+    # version-1 weights, one version behind, never more; later batches ask for the version
+    # published just before they were queued
+    assert [s["expected_version"] for s in asynchronous] == [0, 0, 1]
+    assert [s["staleness_max"] for s in asynchronous][:2] == [0, 1]
+    assert all(s["staleness_max"] <= 1 and s["dropped_groups"] == 0 for s in asynchronous)
+    assert all(min(s["sample_versions"]) >= s["expected_version"] for s in asynchronous)
+    assert all(s["logprob_gap_max"] is not None and math.isfinite(s["logprob_gap_max"]) for s in asynchronous)
+    for mode in ("plain-sync", "adaptive-sync"):
+        assert summary[mode]["staleness_max"] == 0 and summary[mode]["stale_samples"] == 0
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:  # the trainer on the first CPU, the engines on the others
+        assert summary["trainer_cpus"] == cpus[:1] and summary["engine_cpus"] == cpus[1:]
+    for mode in ("adaptive-sync", "adaptive-async"):
+        assert summary[mode]["step_time_ratio"] > 0 and summary[mode]["rollout_time_ratio"] > 0

@@ -1,6 +1,6 @@
 """Producers, the engine worker loop and (later) the fleet supervisor and CLI."""
 
-from .client import RolloutClient
+from .client import Rollout, RolloutClient
 from .worker import WaveStats, WaveWorker
 
-__all__ = ["RolloutClient", "WaveStats", "WaveWorker"]
+__all__ = ["Rollout", "RolloutClient", "WaveStats", "WaveWorker"]

