@@ -1,12 +1,15 @@
 """GRPO on the EfficientRollout fleet: enqueue prompts, score, learn, publish, repeat.
 
-The task: simple questions with "Answer in one word." The reward is an exact check of the
-format: 1 for a reply that is one word and ends on its own (EOS), 0.5 for at most five words,
-0 otherwise. The bundled 135M model at temperature 1 rambles (about 15% of replies score), so
-the reward has room to rise, and it does within a few steps on a CPU. Nothing in the reward
-asks for brevity beyond the format, and the token limit is high (--max-new-tokens 384): replies
-run from one word to hundreds of tokens, and a few rambling ones decide when each rollout ends,
-as in real RL traces; as the reward rises, responses shorten. Each step:
+The task (--task mixed, the default): half the prompts are simple questions with "Answer in one
+word.", rewarded by an exact format check (1 for one word that ends on its own, 0.5 for at most
+five words, 0 otherwise), half ask to count from 1 to n (n log-uniform in 4..120), rewarded by
+the share of 1..n written in order, less the share of numbers after that (0 if cut off at the
+token limit). The bundled 135M model at temperature 1 rambles: about 15% of one-word replies
+score, and it learns them within a few steps on a CPU; counting it mostly gets wrong, writing
+anything from 3 to 512 tokens (--max-new-tokens), and some of those replies run to the limit
+in most steps: as in real RL, most responses are short, and prompts the policy cannot solve yet
+score little but decide how long each rollout takes. (--task one-word alone: replies shorten as the reward rises and the tail disappears
+after two steps; --task count alone: rewards stay near 0.) Each step:
 
     rollout   RolloutClient: P prompts × G samples at temperature 1, asking for the current
               version (min_policy_version); the fleet streams the results back
@@ -29,21 +32,25 @@ example warns and reports the gap (for SmolLM2 about 0.045 nats mean, 0.3-0.5 at
 tokens), which the ratio then carries as noise.
 
 By default it starts its own fleet (embedded Redis, policy server, one engine) once per mode
-and runs plain-sync, adaptive-sync and adaptive-async, then prints the comparison. Point it at a running fleet with --redis/--policy/--token instead.
-Prints a table per mode and a JSON line last.
+and runs plain-sync, adaptive-sync and adaptive-async, then prints the comparison. Point it at
+a running fleet with --redis/--policy/--token instead. Prints a table per mode and a JSON line
+last.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import os
 import random
 import re
-import os
 import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 import torch
@@ -68,12 +75,11 @@ QUESTIONS = [
 ]
 
 
-def make_prompts(step: int, count: int, seed: int) -> list[str]:
-    rng = random.Random(seed * 100_003 + step)
-    return [q + " Answer in one word." for q in rng.sample(QUESTIONS, count)]
+def one_word(rng: random.Random, count: int) -> list[tuple[str, Callable[[RolloutResult], float]]]:
+    return [(q + " Answer in one word.", one_word_reward) for q in rng.sample(QUESTIONS, count)]
 
 
-def reward(result: RolloutResult) -> float:
+def one_word_reward(result: RolloutResult) -> float:
     """Exact format check: one word (1.0), at most five words (0.5); only replies that ended on their own."""
     if result.finish_reason != "stop":
         return 0.0
@@ -82,8 +88,53 @@ def reward(result: RolloutResult) -> float:
     return 0.5 if len(result.text.split()) <= 5 else 0.0
 
 
-def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float, dual_clip: float = 3.0, micro_batch: int = 8):
-    """Token-mean PPO-clipped loss, backpropagated in length-sorted micro-batches (less padding);
+def counting(rng: random.Random, count: int) -> list[tuple[str, Callable[[RolloutResult], float]]]:
+    """Count to n, n log-uniform in 4..120: right answers run from ~10 to ~370 tokens."""
+    ns = [round(math.exp(rng.uniform(math.log(4), math.log(120)))) for _ in range(count)]
+    return [(f"Count from 1 to {n}, separated by commas.", functools.partial(counting_reward, n)) for n in ns]
+
+
+def counting_reward(n: int, result: RolloutResult) -> float:
+    """The share of 1..n written in order, less the share of numbers after that run (stopping
+    early, skipping, overshooting all cost); 0 for a reply cut off at the token limit."""
+    if result.finish_reason != "stop":
+        return 0.0
+    numbers = [int(x) for x in re.findall(r"\d+", result.text)]
+    run = 0
+    while run < min(n, len(numbers)) and numbers[run] == run + 1:
+        run += 1
+    return max(0.0, run / n - min(1.0, (len(numbers) - run) / n))
+
+
+def mixed(rng: random.Random, count: int) -> list[tuple[str, Callable[[RolloutResult], float]]]:
+    """Half one-word questions, which the model learns within a few steps, half counting, which
+    at 135M it mostly gets wrong, often rambling for hundreds of tokens: as in real RL, the
+    prompts the policy cannot solve yet score little but decide how long each rollout takes."""
+    return one_word(rng, count - count // 2) + counting(rng, count // 2)
+
+
+TASKS = {"one-word": one_word, "count": counting, "mixed": mixed}
+
+
+def make_tasks(task: str, step: int, count: int, seed: int) -> list[tuple[str, Callable[[RolloutResult], float]]]:
+    """Step `step`'s prompts, each with the reward of its replies."""
+    return TASKS[task](random.Random(seed * 100_003 + step), count)
+
+
+def micro_batches(lengths: list[int], tokens: int = 2048) -> list[list[int]]:
+    """Indices in length order, cut so that no micro-batch pads past `tokens` (rows x longest):
+    one long reply trains alone instead of padding seven short ones to its length."""
+    order, batches = sorted(range(len(lengths)), key=lengths.__getitem__), []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float, dual_clip: float = 3.0, backward: bool = True):
+    """Token-mean PPO-clipped loss, backpropagated in length-sorted micro-batches (micro_batches);
     returns the trainer's log-probs of the sampled tokens, for the mismatch check.
 
     The ratio is the trainer's probability over the one of the engine that sampled the token,
@@ -92,9 +143,8 @@ def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip
     advantages the dual clip bounds the objective at dual_clip * advantage, so a token the
     policy has since made much likelier cannot dominate (dual-clip PPO, Ye et al. 2020)."""
     total_tokens = sum(len(s.output_token_ids) for s in samples)
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_token_ids) + len(samples[i].output_token_ids))
     trainer_lps: dict[int, torch.Tensor] = {}
-    for chunk in (order[i: i + micro_batch] for i in range(0, len(order), micro_batch)):
+    for chunk in micro_batches([len(s.prompt_token_ids) + len(s.output_token_ids) for s in samples]):
         seqs = [samples[i].prompt_token_ids + samples[i].output_token_ids for i in chunk]
         width = max(map(len, seqs))
         ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs])
@@ -112,7 +162,8 @@ def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip
                 objective = torch.maximum(objective, torch.tensor(dual_clip * adv))
             loss = loss - objective.sum()
             trainer_lps[i] = lp.detach()
-        (loss / total_tokens).backward()
+        if backward:
+            (loss / total_tokens).backward()
     return [trainer_lps[i] for i in range(len(samples))]
 
 
@@ -138,19 +189,35 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
     rows = []
     lead = a.max_staleness if asynchronous else 0  # batches generating ahead of the one trained on
 
-    def batch(step: int, min_version: int) -> list[RolloutRequest]:
-        return [RolloutRequest(id=f"s{step}-p{i}-{time.time_ns()}", messages=[ChatMessage("user", q)], min_policy_version=min_version,
-                               sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens,
-                                                       seed=a.seed * 1_000_003 + step * 1000 + i))
-                for i, q in enumerate(make_prompts(step, a.prompts, a.seed))]
+    rewards_of: dict[str, Callable[[RolloutResult], float]] = {}  # request id → its reward
 
-    def train(samples: list[RolloutResult], advantages: list[float]) -> list[float]:
-        model.train()
-        optimizer.zero_grad()
-        trainer_lps = grpo_loss(model, samples, advantages, a.clip, a.dual_clip)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        return [float(x) for s, lp in zip(samples, trainer_lps) for x in (lp - torch.tensor(s.logprobs)).abs()]
+    def batch(step: int, min_version: int) -> list[RolloutRequest]:
+        requests = []
+        for i, (prompt, score) in enumerate(make_tasks(a.task, step, a.prompts, a.seed)):
+            requests.append(RolloutRequest(
+                id=f"s{step}-p{i}-{time.time_ns()}", messages=[ChatMessage("user", prompt)], min_policy_version=min_version,
+                sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens, seed=a.seed * 1_000_003 + step * 1000 + i)))
+            rewards_of[requests[-1].id] = score
+        return requests
+
+    def train(samples: list[RolloutResult], advantages: list[float]) -> tuple[list[float], int]:
+        """One update on the samples that carry a gradient; returns the log-prob gaps (trainer vs
+        engine, per token) and how many samples trained. A group whose samples all scored alike
+        has advantage 0 everywhere: it costs a forward and backward and moves nothing, so it is
+        left out (as DAPO's dynamic sampling does)."""
+        learn = [i for i, adv in enumerate(advantages) if adv != 0.0]
+        if learn:
+            samples, advantages = [samples[i] for i in learn], [advantages[i] for i in learn]
+            model.train()
+            optimizer.zero_grad()
+            trainer_lps = grpo_loss(model, samples, advantages, a.clip, a.dual_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        else:  # nothing to learn from: the log-prob parity check still runs, on one group
+            samples = samples[: a.group]
+            with torch.no_grad():
+                trainer_lps = grpo_loss(model, samples, [0.0] * len(samples), a.clip, a.dual_clip, backward=False)
+        return [float(x) for s, lp in zip(samples, trainer_lps) for x in (lp - torch.tensor(s.logprobs)).abs()], len(learn)
 
     def publish() -> int:
         v = publisher.publish({k: v.detach() for k, v in model.state_dict().items()})
@@ -172,14 +239,14 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
             fresh = [g for g in groups if version - min(s.policy_version for s in g) <= lead]
             samples, advantages, rewards = [], [], []
             for group in fresh:
-                r = [reward(s) for s in group]
+                r = [rewards_of[s.request_id](s) for s in group]
                 rewards += r
                 mean, std = statistics.fmean(r), statistics.pstdev(r)
                 samples += group  # a group where every sample scored the same gets advantage 0: no push
                 advantages += [(x - mean) / (std + 1e-6) for x in r]
 
             t0 = time.perf_counter()
-            gaps = await anyio.to_thread.run_sync(train, samples, advantages) if samples else []
+            gaps, trained = await anyio.to_thread.run_sync(train, samples, advantages) if samples else ([], 0)
             train_s = time.perf_counter() - t0
             staleness = [version - s.policy_version for s in samples]
 
@@ -203,7 +270,7 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
                    "sample_versions": sorted({s.policy_version for g in groups for s in g}),
                    "expected_version": rollout.requests[0].min_policy_version,
                    "staleness_max": max(staleness, default=0), "staleness_mean": round(statistics.fmean(staleness), 2) if staleness else 0,
-                   "dropped_groups": len(groups) - len(fresh),
+                   "dropped_groups": len(groups) - len(fresh), "trained_samples": trained,
                    "engine_dtypes": engine_dtypes, "trainer_dtype": trainer_dtype,
                    "logprob_gap_mean": round(statistics.fmean(gaps), 7) if gaps else None,
                    "logprob_gap_max": round(max(gaps), 7) if gaps else None,
@@ -232,10 +299,12 @@ def print_table(mode: str, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="mixed", choices=sorted(TASKS), help="one-word: one-word answers (replies shorten as "
+                    "it learns); count: count to n (answers ~10-370 tokens); mixed: half each")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=8, help="questions per step")
-    ap.add_argument("--group", type=int, default=4, help="samples per problem (the GRPO group)")
-    ap.add_argument("--max-new-tokens", type=int, default=384)
+    ap.add_argument("--group", type=int, default=8, help="samples per problem (the GRPO group)")
+    ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train-layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--clip", type=float, default=0.2)
@@ -274,7 +343,7 @@ def main() -> None:
     for mode, rows in results.items():
         print_table(mode, rows)
 
-    summary = {"example": "grpo", "steps": a.steps, "prompts": a.prompts, "group": a.group, "model": a.model,
+    summary = {"example": "grpo", "task": a.task, "steps": a.steps, "prompts": a.prompts, "group": a.group, "model": a.model,
                "max_new_tokens": a.max_new_tokens, "engine_dtype": a.engine_dtype, "max_staleness": a.max_staleness,
                "engine_cpus": sorted(engine_cpus) if engine_cpus else "shared",
                "trainer_cpus": sorted(os.sched_getaffinity(0))}

@@ -64,3 +64,40 @@ def test_grpo_example_compares_sync_and_async_modes(tiny_dir):
         assert summary["trainer_cpus"] == cpus[:1] and summary["engine_cpus"] == cpus[1:]
     for mode in ("adaptive-sync", "adaptive-async"):
         assert summary[mode]["step_time_ratio"] > 0 and summary[mode]["rollout_time_ratio"] > 0
+
+
+def load_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grpo_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rewards_and_micro_batches_of_the_example():
+    from efficientrollout.protocol import RolloutResult
+
+    grpo = load_example()
+
+    def reply(text: str, finish: str = "stop") -> RolloutResult:
+        return RolloutResult(request_id="r", sample_index=0, policy_version=0, prompt_token_ids=[], output_token_ids=[],
+                             text=text, logprobs=[], finish_reason=finish)
+
+    count = lambda text, finish="stop": grpo.counting_reward(5, reply(text, finish))  # noqa: E731
+    assert count("1, 2, 3, 4, 5") == 1.0
+    assert count("1, 2, 3") == 0.6  # stopped early
+    assert count("1, 2, 3, 4, 5, 6") == 0.8  # one too many
+    assert count("1, 2, 4, 5") == 0.0  # skipped 3: a run of 2, then 2 numbers after it
+    assert count("1, 2, 3, 4, 5", finish="length") == 0.0  # cut off at the token limit
+    assert grpo.one_word_reward(reply("Blue.")) == 1.0 and grpo.one_word_reward(reply("It is blue")) == 0.5
+    # n log-uniform in 4..120, the same prompts for the same step and seed
+    tasks = grpo.make_tasks("mixed", 3, 8, 0)
+    assert [p for p, _ in tasks] == [p for p, _ in grpo.make_tasks("mixed", 3, 8, 0)]
+    assert sum("Answer in one word." in p for p, _ in tasks) == 4 and sum(p.startswith("Count from 1 to") for p, _ in tasks) == 4
+    # no micro-batch pads past the budget, unless one sequence alone is longer; all indices once
+    lengths = [30, 900, 40, 35, 3000, 50, 45]
+    batches = grpo.micro_batches(lengths, tokens=2048)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2048 for b in batches)
+    assert [4] in batches and [1] in batches  # the long ones train alone

@@ -109,7 +109,7 @@ class RolloutClient:
         """Enqueue a batch and return as soon as it is enqueued (past back-pressure, reading
         earlier results meanwhile); `await rollout.groups()` later collects it."""
         requests = self._requests(prompts, sampling)
-        if len({r.id for r in requests}) < len(requests) or any(r.id in self._held for r in requests):
+        if len({r.id for r in requests}) < len(requests) or any(r.id in self._held or r.id in self._outstanding for r in requests):
             raise ValueError("request ids must be unique among the requests in flight")
         for r in requests:
             self._held[r.id] = []
@@ -149,7 +149,7 @@ class Rollout:
         return all(len(self.client._held[r.id]) >= r.sampling.n for r in self.requests)
 
     async def groups(self, timeout: float | None = None) -> list[list[RolloutResult]]:
-        """Wait for every sample; groups[i] are request i's samples in order."""
+        """Wait for every sample; groups[i] are request i's samples in order (call it once)."""
         with anyio.fail_after(timeout):
             while not self.done:
                 await self.client._read()
