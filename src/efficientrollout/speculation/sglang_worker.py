@@ -120,17 +120,17 @@ class _Source:
         return self._fallback(x)
 
 
-def _kernel(device) -> str:
+def _kernel(device, dtype) -> str:
     """EFFICIENTROLLOUT_DRAFTER: int8 (default, torchao per channel) | int4 (group-wise, where a
     fast kernel exists) | exact (the weights themselves: tests)."""
     drafter = os.environ.get("EFFICIENTROLLOUT_DRAFTER", "int8")
-    return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8)
+    return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8, dtype)
 
 
 def derive_draft(layer, weight, apply) -> None:
     """Quantize `weight` into `layer._er_draft`; `apply(x)` is the layer's own (target) forward."""
     source = _Source(weight.detach(), getattr(layer, "bias", None), apply)
-    draft = QuantLinear(source, _kernel(weight.device))
+    draft = QuantLinear(source, _kernel(weight.device, weight.dtype))
     if draft.kernel != "none":
         source.weight = None  # keep no reference to the full-precision copy SGLang repacks next
     layer._er_draft, layer._er_draft_stamp = draft, next(_loads)
