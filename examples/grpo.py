@@ -1,15 +1,16 @@
 """GRPO on the EfficientRollout fleet: enqueue prompts, score, learn, publish, repeat.
 
-The task (--task mixed, the default): half the prompts are simple questions with "Answer in one
-word.", rewarded by an exact format check (1 for one word that ends on its own, 0.5 for at most
-five words, 0 otherwise), half ask to count from 1 to n (n log-uniform in 4..120), rewarded by
-the share of 1..n written in order, less the share of numbers after that (0 if cut off at the
-token limit). The bundled 135M model at temperature 1 rambles: about 15% of one-word replies
-score, and it learns them within a few steps on a CPU; counting it mostly gets wrong, writing
-anything from 3 to 512 tokens (--max-new-tokens), and some of those replies run to the limit
-in most steps: as in real RL, most responses are short, and prompts the policy cannot solve yet
-score little but decide how long each rollout takes. (--task one-word alone: replies shorten as the reward rises and the tail disappears
-after two steps; --task count alone: rewards stay near 0.) Each step:
+The task (--task mixed, the default): three quarters of the prompts are simple questions with
+"Answer in one word.", rewarded by an exact format check (1 for one word that ends on its own,
+0.5 for at most five words, 0 otherwise); a quarter ask to count from 1 to n (n log-uniform in
+4..120), rewarded by the share of 1..n written in order, less the share of numbers after that
+(0 if cut off at the token limit). The bundled 135M model at temperature 1 rambles: about 15%
+of one-word replies score, and it learns them within a few steps on a CPU; counting it mostly
+gets wrong, writing anything from 3 to 512 tokens (--max-new-tokens), and a few of those
+replies run to the limit in most steps: as in real RL, most responses are short, and the
+prompts the policy cannot solve yet score little but decide how long each rollout takes.
+(--task one-word alone: replies shorten as the reward rises and the tail is gone after two
+steps; --task count alone: rewards stay near 0.) Each step:
 
     rollout   RolloutClient: P prompts × G samples at temperature 1, asking for the current
               version (min_policy_version); the fleet streams the results back
@@ -107,10 +108,11 @@ def counting_reward(n: int, result: RolloutResult) -> float:
 
 
 def mixed(rng: random.Random, count: int) -> list[tuple[str, Callable[[RolloutResult], float]]]:
-    """Half one-word questions, which the model learns within a few steps, half counting, which
-    at 135M it mostly gets wrong, often rambling for hundreds of tokens: as in real RL, the
-    prompts the policy cannot solve yet score little but decide how long each rollout takes."""
-    return one_word(rng, count - count // 2) + counting(rng, count // 2)
+    """Three quarters one-word questions, which the model learns within a few steps, a quarter
+    counting, which at 135M it mostly gets wrong, often rambling for hundreds of tokens: as in
+    real RL, a few responses that the policy cannot get right yet decide how long each rollout
+    takes. (With half counting, 5-6 replies ran to the limit together: a batch-6 tail.)"""
+    return one_word(rng, count - count // 4) + counting(rng, count // 4)
 
 
 TASKS = {"one-word": one_word, "count": counting, "mixed": mixed}
@@ -300,7 +302,7 @@ def print_table(mode: str, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mixed", choices=sorted(TASKS), help="one-word: one-word answers (replies shorten as "
-                    "it learns); count: count to n (answers ~10-370 tokens); mixed: half each")
+                    "it learns); count: count to n (answers ~10-370 tokens); mixed: 3/4 one-word, 1/4 count")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=8, help="questions per step")
     ap.add_argument("--group", type=int, default=8, help="samples per problem (the GRPO group)")
