@@ -65,6 +65,7 @@ from efficientrollout.protocol import (
     RolloutResult,
     SamplingParams,
 )
+from efficientrollout.speculation import MODES
 
 QUESTIONS = [
     "What color is the sky?", "Name an animal that lives in the sea.", "What is the capital of France?", "Name a fruit.",
@@ -327,8 +328,8 @@ def main() -> None:
     a = ap.parse_args()
     modes = [m if m.endswith(("-sync", "-async")) else f"{m}-sync" for m in a.modes.split(",")]
     for m in modes:
-        if m.rsplit("-", 1)[0] not in ("plain", "always", "toggle-ladder", "adaptive"):
-            ap.error(f"unknown mode {m!r}: SPECULATION[-sync|-async] with SPECULATION one of plain, always, toggle-ladder, adaptive")
+        if m.rpartition("-")[0] not in MODES:
+            ap.error(f"unknown mode {m!r}: SPECULATION[-sync|-async] with SPECULATION one of {', '.join(MODES)}")
     engine_cpus = pin_cpus(a.engine_cpus)
 
     results: dict[str, list[dict]] = {}
