@@ -147,18 +147,24 @@ def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip
     policy has since made much likelier cannot dominate (dual-clip PPO, Ye et al. 2020)."""
     total_tokens = sum(len(s.output_token_ids) for s in samples)
     trainer_lps: dict[int, torch.Tensor] = {}
+    body, head = model.get_decoder(), model.get_output_embeddings()
     for chunk in micro_batches([len(s.prompt_token_ids) + len(s.output_token_ids) for s in samples]):
         seqs = [samples[i].prompt_token_ids + samples[i].output_token_ids for i in chunk]
         width = max(map(len, seqs))
         ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs])
         mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs])
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp_all = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, W-1]
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        # the LM head and softmax only where the loss reads them: the hidden state before each
+        # sampled token (prompts and padding are most positions of a one-word reply's row)
+        rows = torch.tensor([row for row, i in enumerate(chunk) for _ in samples[i].output_token_ids])
+        cols = torch.tensor([len(samples[i].prompt_token_ids) - 1 + t for i in chunk for t in range(len(samples[i].output_token_ids))])
+        logits = head(hidden[rows, cols]).float()
+        logp = (logits.gather(-1, ids[rows, cols + 1, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).split(
+            [len(samples[i].output_token_ids) for i in chunk])
         loss = 0.0
         for row, i in enumerate(chunk):
             s, adv = samples[i], advantages[i]
-            start = len(s.prompt_token_ids) - 1  # logits at position p predict token p + 1
-            lp = logp_all[row, start: start + len(s.output_token_ids)]
+            lp = logp[row]
             ratio = torch.exp(lp - torch.tensor(s.logprobs))  # trainer vs the engine that sampled it
             objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
             if adv < 0:
@@ -229,12 +235,16 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
         return v
 
     async with RolloutClient(redis_url) as client:
-        ahead = deque([await client.start(batch(step, version)) for step in range(min(lead + 1, a.steps))])
+        ahead = deque([await client.start(batch(0, version))])
         for step in range(a.steps):
             t_step = time.perf_counter()
             rollout = ahead.popleft()
             groups = await rollout.groups(timeout=1800)
             rollout_s = time.perf_counter() - t_step
+            if step == 0:  # the first batches to generate while the trainer trains; queued with batch 0,
+                # they joined its wave and step 0 waited for both
+                for later in range(1, min(lead + 1, a.steps)):
+                    ahead.append(await client.start(batch(later, version)))
             assert all(s.finish_reason != "error" for g in groups for s in g), [s.error for g in groups for s in g if s.error][:3]
             # the bound: a group sampled more than `lead` versions before the weights it would
             # train is not used (min_policy_version makes that impossible on this fleet; an

@@ -122,3 +122,34 @@ def test_vocab_head_keeps_the_most_emitted_tokens_and_their_exact_logits(tiny_en
     assert not small.head.refresh()  # 12 tokens seen, subset chosen at 8: waits until 16
     small.head.observe([1000] * 4)
     assert small.head.refresh() and 1000 in small.head.ids.tolist()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_draft_refreshed_in_place_keeps_its_tensors_and_takes_the_new_weights(kernel):
+    """What CUDA graphs over the draft need (SGLang worker): after a weight update the draft's
+    tensors are the same memory, holding the new weights' quantization."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if kernel == "fbgemm" else torch.bfloat16
+    target = Linear(128, 48, bias=False).to(dtype)
+    target.pack()
+    draft = QuantLinear(target, kernel, group_size=64)
+
+    def storages(t):
+        if isinstance(t, (tuple, list)):
+            return [p for x in t for p in storages(x)]
+        if hasattr(t, "__tensor_flatten__"):
+            return [p for n in t.__tensor_flatten__()[0] for p in storages(getattr(t, n))]
+        return [t.data_ptr()] if isinstance(t, torch.Tensor) else []  # FBGEMM's packed weights: no tensors
+
+    before, x = storages([draft.weight, draft.gemv or []]), torch.randn(12, 128, dtype=dtype)
+    old = draft(x)
+    with torch.no_grad():
+        target.weight.copy_(torch.randn_like(target.weight))
+    target.pack()
+    draft.copy_(QuantLinear(target, kernel, group_size=64))
+    assert storages([draft.weight, draft.gemv or []]) == before
+    fresh = QuantLinear(target, kernel, group_size=64)
+    for rows in (x[:2], x):  # our GEMV or the packed kernel, and the FBGEMM fallback beyond them
+        assert torch.equal(draft(rows), fresh(rows))
+    assert not torch.equal(draft(x), old)
+

@@ -133,3 +133,21 @@ def test_f32_streamed_linear_matches_f_linear(rows):
         torch.testing.assert_close(OPS.f32_gemv(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
     with pytest.raises(RuntimeError, match="1-12 rows"):
         OPS.f32_gemv(torch.randn(13, 96), w, None)
+
+
+def test_a_built_kernel_loads_past_a_build_lock_left_by_a_killed_process(tmp_path):
+    """An engine killed while compiling leaves torch's build lock behind; every later engine
+    used to wait on it forever. A finished build loads without taking the lock."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    built = next(Path(p) for p in torch.ops.loaded_libraries if "efficientrollout_cpu_" in p)
+    build = tmp_path / "efficientrollout" / "kernels" / built.parent.name
+    build.mkdir(parents=True)
+    shutil.copy(built, build / built.name)
+    (build / "lock").touch()
+    code = "from efficientrollout.kernels import cpu_ops; assert cpu_ops() is not None"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)}, timeout=120, check=True)

@@ -51,3 +51,13 @@ def test_a_reused_request_id_in_a_later_submission_still_gets_its_results(tiny_e
             await q.close()
 
         asyncio.run(main())
+
+
+def test_the_wave_log_line_says_how_speculation_went():
+    from efficientrollout.pipeline.service import _speculation_summary
+    from efficientrollout.protocol import StepRecord
+
+    trace = [StepRecord(0.0, 8, 0, 0, 0, 8, 0.5), StepRecord(0.5, 3, 4, 12, 9, 12, 0.25), StepRecord(0.8, 1, 2, 2, 0, 1, 0.125)]
+    assert _speculation_summary(trace) == "; 2/3 steps speculative (acceptance 0.64, mean K 3.0), 0.4s with <= 4 running"
+    assert _speculation_summary([StepRecord(0.0, 2, 0, 0, 0, 2, 0.5)]) == "; 0/1 steps speculative, 0.5s with <= 4 running"
+    assert _speculation_summary([]) == ""

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -40,8 +41,18 @@ def cpu_ops():
     name = f"efficientrollout_cpu_{digest}_{_cpu_tag()}"
     build = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "efficientrollout" / "kernels" / name
     build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        log.info("compiling the CPU decode kernels for this machine (once, ~15 s)")
+    built = build / f"{name}.so"  # the name pins sources, torch and CPU: a build that exists is this one
+    if built.exists():
+        try:
+            torch.ops.load_library(str(built))
+            return torch.ops.efficientrollout
+        except OSError:  # cut short while linking: build again
+            built.unlink(missing_ok=True)
+    lock = build / "lock"  # torch's build lock; one left by a process killed mid-build blocks every later start
+    if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+        log.warning("removing a stale kernel build lock (%s)", lock)
+        lock.unlink(missing_ok=True)
+    log.info("compiling the CPU decode kernels for this machine (once, ~15 s)")
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], build_directory=str(build), is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)

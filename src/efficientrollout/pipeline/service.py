@@ -45,6 +45,21 @@ from .worker import WaveStats, WaveWorker, redis_down
 log = logging.getLogger("efficientrollout.engine")
 
 
+def _speculation_summary(trace: list) -> str:
+    """How the wave's decode steps went, for the log: the share that speculated, their acceptance
+    and mean K, and the seconds spent with at most 4 rows running (the tail, where it pays)."""
+    steps = [s for s in trace if s.emitted]
+    if not steps:
+        return ""
+    spec = [s for s in steps if s.k > 0]
+    tail = sum(s.seconds for s in steps if s.batch <= 4)
+    text = f"; {len(spec)}/{len(steps)} steps speculative"
+    if spec:
+        text += f" (acceptance {sum(s.accepted for s in spec) / max(1, sum(s.drafted for s in spec)):.2f}, " \
+                f"mean K {sum(s.k for s in spec) / len(spec):.1f})"
+    return text + f", {tail:.1f}s with <= 4 running"
+
+
 @dataclass(slots=True)
 class WorkerConfig:
     redis_url: str = option(help="redis://[user:password@]host:port/db (rediss:// for TLS)", env="EFFICIENTROLLOUT_REDIS",
@@ -156,8 +171,9 @@ class EngineService:
         m.speculative_steps += sum(1 for s in trace if s.k > 0)
         m.drafted_tokens += sum(s.drafted for s in trace)
         m.accepted_tokens += sum(s.accepted for s in trace)
-        log.info("wave %d: %d requests, %d results (%d errors, %d deferred, %d released), %d tokens in %.1fs",
-                 m.waves, stats.requests, stats.results, stats.errors, stats.deferred, stats.released, stats.tokens, stats.seconds)
+        log.info("wave %d: %d requests, %d results (%d errors, %d deferred, %d released), %d tokens in %.1fs%s",
+                 m.waves, stats.requests, stats.results, stats.errors, stats.deferred, stats.released, stats.tokens, stats.seconds,
+                 _speculation_summary(trace))
         if trace:  # for timeline plots; best effort
             record = WaveTrace(engine=self.engine.engine_id, version=self.engine.version, end=time.time(), seconds=stats.seconds,
                                requests=stats.served, steps=trace)

@@ -131,9 +131,37 @@ class QuantLinear(nn.Module):
             return F.linear(x.bfloat16(), self.weight, None if self.bias is None else self.bias.bfloat16()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
+    def copy_(self, other: "QuantLinear") -> None:
+        """Take `other`'s quantized weights into this layer's own tensors, in place: a CUDA graph
+        captured with this layer keeps reading the same memory (SGLang worker, per-K graphs).
+        FBGEMM's packed weights (CPU only, in no graph) are taken over as they are."""
+        if self.kernel == "fbgemm":
+            self.weight = other.weight
+        elif not (_copy_into(self.weight, other.weight) and _copy_into(self.gemv, other.gemv)):
+            raise ValueError(f"the {self.kernel} drafter's weights cannot be refreshed in place")
+        self.wide = getattr(other, "wide", None)
+
     def gemv_weights(self) -> list[Tensor] | None:
         """The weights as `decode_layer` takes them, where our kernels serve this linear."""
         return self.gemv
+
+
+def _copy_into(dst, src) -> bool:
+    """Copy tensor `src` into `dst` in place (tuples and torchao tensor subclasses: their inner
+    tensors); False where it cannot be done (another shape or layout)."""
+    if dst is None or src is None:
+        return dst is src
+    if isinstance(dst, (tuple, list)):
+        return isinstance(src, (tuple, list)) and len(dst) == len(src) and all(map(_copy_into, dst, src))
+    if not isinstance(dst, Tensor) or type(dst) is not type(src):
+        return False
+    if hasattr(dst, "__tensor_flatten__"):
+        names, _ = dst.__tensor_flatten__()
+        return all(_copy_into(getattr(dst, n), getattr(src, n)) for n in names)
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        return False
+    dst.copy_(src)
+    return True
 
 
 def _fbgemm_linear(x: Tensor, packed) -> Tensor:

@@ -20,6 +20,15 @@ SGLang server with this package installed gains the algorithm; nothing else chan
   greedily on CPUs, so it is not used. Batches with parameters our verify does not model
   (min-p, penalties, logit bias, grammars) decode plain.
 
+- **CUDA graphs per K** (`EFFICIENTROLLOUT_CUDA_GRAPHS=1`; written, not yet run on a GPU, so
+  off by default: eager, as on CPUs). A step's shape depends on K, so the worker keeps a graph
+  runner per shape, each over SGLang's batch buckets with its own attention backend, as
+  SGLang's adaptive EAGLE keeps one per step count: a plain decode (width 1, target weights),
+  a draft decode (width 1, captured with the int8 layers switched in) and a verify per K in
+  `EFFICIENTROLLOUT_GRAPH_KS` (default 1,2,4) plus K_max (SGLang's own start-up capture); the
+  gate's K is rounded down to one of those. Re-derived drafts are copied into the captured
+  tensors in place, so the graphs never read a stale (or freed) draft.
+
 Server flags: `--speculative-algorithm EFFICIENTROLLOUT [--speculative-num-steps K_MAX]` (8 by
 default); the worker always runs SGLang's non-overlap scheduler. Environment of the server:
 `EFFICIENTROLLOUT_SPECULATION` = adaptive (default) | plain | always (with
@@ -32,6 +41,7 @@ one per finished request (its id and how many tokens were drafted for it: SGLang
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -50,6 +60,7 @@ DEFAULT_K_MAX = 8
 log = logging.getLogger("efficientrollout.sglang")
 
 _drafting = False  # True while a draft forward runs: the patched linears use their int8 copies
+_in_place = False  # True once CUDA graphs hold the drafts' tensors: re-derive into them
 _loads = itertools.count(1)  # stamps of draft derivations
 _target_apply = None  # SGLang's own UnquantizedLinearMethod.apply, once patched
 
@@ -75,11 +86,11 @@ def _spec_class():
             server_args.speculative_eagle_topk = 1
             server_args.speculative_num_draft_tokens = k + 1
             server_args.disable_overlap_schedule = True  # the worker runs synchronously
-            if not server_args.disable_cuda_graph and str(server_args.device).startswith("cuda"):
-                # SGLang's graphs are captured for one verify width and with the target's weights;
-                # ours varies K per batch and drafts with int8 layers. Until per-K graphs exist and
-                # have run on a GPU, eager is the only correct choice.
-                log.warning("%s runs without CUDA graphs (not yet supported with a K chosen per batch)", ALGORITHM)
+            if not server_args.disable_cuda_graph and str(server_args.device).startswith("cuda") and not _graphs_wanted():
+                # SGLang captures one verify width with the target's weights; ours varies K per batch
+                # and drafts with int8 layers: the per-K graphs (_StepGraphs) have not run on a GPU yet
+                log.warning("%s runs without CUDA graphs; EFFICIENTROLLOUT_CUDA_GRAPHS=1 captures one per K "
+                            "(not yet run on a GPU)", ALGORITHM)
                 server_args.disable_cuda_graph = True
 
         def create_worker(self, server_args):
@@ -127,13 +138,22 @@ def _kernel(device, dtype) -> str:
     return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8, dtype)
 
 
+def _graphs_wanted() -> bool:
+    return os.environ.get("EFFICIENTROLLOUT_CUDA_GRAPHS", "0") == "1"
+
+
 def derive_draft(layer, weight, apply) -> None:
-    """Quantize `weight` into `layer._er_draft`; `apply(x)` is the layer's own (target) forward."""
+    """Quantize `weight` into `layer._er_draft`; `apply(x)` is the layer's own (target) forward.
+    Once graphs are captured, into the draft's own tensors (the graphs read them)."""
     source = _Source(weight.detach(), getattr(layer, "bias", None), apply)
     draft = QuantLinear(source, _kernel(weight.device, weight.dtype))
     if draft.kernel != "none":
         source.weight = None  # keep no reference to the full-precision copy SGLang repacks next
-    layer._er_draft, layer._er_draft_stamp = draft, next(_loads)
+    if _in_place and hasattr(layer, "_er_draft"):
+        layer._er_draft.copy_(draft)
+    else:
+        layer._er_draft = draft
+    layer._er_draft_stamp = next(_loads)
 
 
 def _patch_sglang() -> None:
@@ -163,6 +183,60 @@ def _patch_sglang() -> None:
     UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
     UnquantizedLinearMethod.apply = apply_draft
     LogitsProcessor._compute_lm_head = compute_lm_head
+
+
+@contextlib.contextmanager
+def _draft_layers_on():
+    """Forwards in this block run the draft: every patched linear uses its int8 copy."""
+    global _drafting
+    _drafting = True
+    try:
+        yield
+    finally:
+        _drafting = False
+
+
+class _StepGraphs:
+    """CUDA graph runners for every step shape the worker runs (see the module docstring)."""
+
+    def __init__(self, model_runner, k_max: int, ks: set[int]):
+        global _in_place
+        self.verify = {k_max: None}  # SGLang's own runner (width K_max + 1; it may recapture it after updates)
+        for k in sorted(ks):
+            self.verify[k] = _capture(model_runner, k + 1)
+        self.plain = _capture(model_runner, 1)
+        with _draft_layers_on():
+            self.draft = _capture(model_runner, 1)
+        _in_place = True  # from now on the graphs hold the drafts' tensors
+        self.ks = sorted(self.verify)
+        log.info("%s: CUDA graphs for plain and draft steps and verifies with K in %s", ALGORITHM, self.ks)
+
+    def k_for(self, k: int) -> int:
+        """The largest K with a graph that is at most `k` (drafting fewer is always allowed)."""
+        return max((g for g in self.ks if g <= k), default=0)
+
+    def runner(self, step, sglangs):
+        """The runner for `step`; `sglangs` is the one SGLang has installed (K_max's verify)."""
+        runner = self.plain if step == "plain" else self.draft if step == "draft" else self.verify[step]
+        return sglangs if runner is None else runner
+
+
+def _capture(model_runner, width: int):
+    """A graph runner over SGLang's batch buckets for steps of `width` tokens per request, with its
+    own attention backend (as SGLang's adaptive EAGLE builds one per step count). Width 1 is
+    captured as a DECODE step: SGLang picks TARGET_VERIFY for every runner of a speculative server."""
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    algorithm, workspace = model_runner.spec_algorithm, model_runner.init_new_workspace
+    try:
+        backend = model_runner._get_attention_backend(init_new_workspace=True)
+        if width == 1:
+            model_runner.spec_algorithm = SpeculativeAlgorithm.NONE
+        return DecodeCudaGraphRunner(model_runner, attn_backend=backend, speculative_num_steps=width - 1,
+                                     speculative_num_draft_tokens=width)
+    finally:
+        model_runner.spec_algorithm, model_runner.init_new_workspace = algorithm, workspace
 
 
 def _speculable(info) -> bool:
@@ -215,6 +289,13 @@ class SelfDraftWorker(_worker_base()):
         self.weights_changed = False
         self._wrap_weight_updates()
         self.refresh_drafts()
+        self.graphs = None  # ours, captured after SGLang's (init_cuda_graphs)
+
+    def init_cuda_graphs(self):
+        """SGLang's scheduler calls this once the target's graphs are captured: ours follow."""
+        if getattr(self.model_runner, "decode_cuda_graph_runner", None) is not None and torch.device(self.device).type == "cuda":
+            ks = {int(k) for k in os.environ.get("EFFICIENTROLLOUT_GRAPH_KS", "1,2,4").split(",")}
+            self.graphs = _StepGraphs(self.model_runner, self.k_max, {k for k in ks if 0 < k < self.k_max})
 
     # ---- the draft's weights ---------------------------------------------------------------
 
@@ -290,6 +371,8 @@ class SelfDraftWorker(_worker_base()):
                                 batch.seq_lens.clone(), torch.ones(bs, dtype=torch.int32, device=batch.seq_lens.device),
                                 out.can_run_cuda_graph)
         k = self.gate.choose(bs, True, self.k_max) if self.enabled and _speculable(batch.sampling_info) else 0
+        if self.graphs is not None:
+            k = self.graphs.k_for(k)
         t0 = time.perf_counter()
         seq_lens = batch.seq_lens
         self._committed = (seq_lens, batch.seq_lens_cpu)  # KV committed: every position before the root
@@ -328,7 +411,8 @@ class SelfDraftWorker(_worker_base()):
 
         self._decode_inputs(batch, roots, slots, 1)
         batch.forward_mode = ForwardMode.DECODE
-        out = self.target_worker.forward_batch_generation(batch)
+        with self._graph("plain"):
+            out = self.target_worker.forward_batch_generation(batch)
         lo = out.logits_output
         if lo.next_token_logprobs is not None:  # spec results carry one row of log-probs per request
             lo.next_token_logprobs = lo.next_token_logprobs.view(-1, 1)
@@ -342,16 +426,12 @@ class SelfDraftWorker(_worker_base()):
         batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
 
     def _draft(self, batch, roots, slots, k, params):
-        global _drafting
         from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
         from ..sampling import filtered_probs, inverse_cdf, scaled_logprobs
 
         tokens, drafts, probs = roots, [], []
-        graphs = self.model_runner.decode_cuda_graph_runner
-        self.model_runner.decode_cuda_graph_runner = None  # graphs hold the target's weights: drafts run eagerly
-        _drafting = True
-        try:
+        with _draft_layers_on(), self._graph("draft"):
             for j in range(k):
                 self._decode_inputs(batch, tokens, slots[:, j], j + 1)
                 batch.forward_mode = ForwardMode.DECODE
@@ -364,9 +444,6 @@ class SelfDraftWorker(_worker_base()):
                     tokens = torch.where(params.temperature > 0, drawn, tokens)
                     probs.append(q)
                 drafts.append(tokens)
-        finally:
-            _drafting = False
-            self.model_runner.decode_cuda_graph_runner = graphs
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)
 
     def _verify(self, batch, roots, drafts, draft_probs, slots, k, params):
@@ -381,7 +458,8 @@ class SelfDraftWorker(_worker_base()):
         self._decode_inputs(batch, chain.reshape(-1), slots.reshape(-1), 0)  # verify extends the committed KV
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.spec_info = _chain_input(chain, seq_lens, width)
-        out = self.target_worker.forward_batch_generation(batch, is_verify=True)
+        with self._graph(k):
+            out = self.target_worker.forward_batch_generation(batch, is_verify=True)
         logits = out.logits_output.next_token_logits.view(bs, width, -1)
         target_probs = None
         if params.any_sampled:
@@ -392,6 +470,20 @@ class SelfDraftWorker(_worker_base()):
         if batch.return_logprob:
             compute_spec_logprobs(batch, out.logits_output, emitted.reshape(-1), chain_stride=width)
         return out.logits_output, n, emitted, out.can_run_cuda_graph
+
+    @contextlib.contextmanager
+    def _graph(self, step):
+        """The graph runner of `step` ("plain", "draft" or a verify's K) installed for one forward.
+        Without our graphs, drafts run eagerly (SGLang's graphs hold the target's weights)."""
+        runner = getattr(self.model_runner, "decode_cuda_graph_runner", None)
+        if self.graphs is not None:
+            self.model_runner.decode_cuda_graph_runner = self.graphs.runner(step, runner)
+        elif step == "draft":
+            self.model_runner.decode_cuda_graph_runner = None
+        try:
+            yield
+        finally:
+            self.model_runner.decode_cuda_graph_runner = runner
 
     def _result(self, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
         """A spec-v2 result; `next_draft_input` keeps the fixed layout SGLang filters and merges."""
@@ -438,6 +530,14 @@ def _chain_input(chain, seq_lens, width: int):
             @property
             def tree_topk(self) -> int:
                 return 1
+
+            def generate_attn_arg_prefill(self, req_pool_indices, paged_kernel_lens, paged_kernel_lens_sum, req_to_token):
+                """The paged-attention layout of a verify (FlashInfer); no tree mask: a chain is
+                causal, as SGLang's capture of a custom algorithm's verify graph assumes."""
+                self.custom_mask = torch.empty(0, dtype=torch.bool, device=self.device)
+                kv_indices, kv_indptr, qo_indptr, _ = super().generate_attn_arg_prefill(
+                    req_pool_indices, paged_kernel_lens, paged_kernel_lens_sum, req_to_token)
+                return kv_indices, kv_indptr, qo_indptr, None
 
         _ChainInput = ChainVerifyInput
     positions = (seq_lens[:, None] + torch.arange(width, device=seq_lens.device)).reshape(-1)
