@@ -1,0 +1,81 @@
+"""Speculation on the GRPO example's own rollouts, with the sample lengths held fixed.
+
+The example's modes sample different tokens (speculative sampling draws from the same
+distribution, not the same draws), so their rollout times mix speed with luck in the lengths.
+This takes one step's batch of `examples/grpo.py` (its prompts and seeds; the bundled model's
+own weights, i.e. version 0), samples it once plain to learn every sample's length, then
+generates the same prompts with those lengths (ignore_eos) plain and adaptive, interleaved,
+with one fp32 engine on one CPU as the example runs it. Prints a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from efficientrollout.engines.native import EngineConfig, NativeEngine
+from efficientrollout.protocol import ChatMessage, RolloutRequest, SamplingParams
+from efficientrollout.speculation import SpeculationConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from grpo import make_tasks  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0, help="the example's --seed")
+    ap.add_argument("--step", type=int, default=0, help="whose batch (prompts and seeds) to replay")
+    ap.add_argument("--task", default="mixed")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved plain / adaptive pairs")
+    ap.add_argument("--cpu", type=int, default=1, help="the CPU the engine runs on (the example's engine CPU)")
+    a = ap.parse_args()
+    os.sched_setaffinity(0, {a.cpu})
+    torch.set_num_threads(1)
+
+    tasks = make_tasks(a.task, a.step, a.prompts, a.seed)
+    engines = {mode: NativeEngine(EngineConfig(dtype="float32", max_batch_size=a.prompts * a.group, max_seq_len=a.max_new_tokens + 192,
+                                               speculation=SpeculationConfig(mode=mode)))
+               for mode in ("plain", "adaptive")}
+    sampled = engines["plain"].generate([  # exactly the example's requests (its seeds): the same samples
+        RolloutRequest(id=f"p{i}", messages=[ChatMessage("user", prompt)],
+                       sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens,
+                                               seed=a.seed * 1_000_003 + a.step * 1000 + i))
+        for i, (prompt, _) in enumerate(tasks)])
+    fixed = [RolloutRequest(id=f"f{j}", messages=[ChatMessage("user", tasks[int(r.request_id[1:])][0])],
+                            sampling=SamplingParams(temperature=1.0, max_new_tokens=len(r.output_token_ids), seed=j, ignore_eos=True))
+             for j, r in enumerate(sampled)]
+    lengths = sorted(len(r.output_token_ids) for r in sampled)
+    print(f"seed {a.seed}, step {a.step}: {len(fixed)} samples, {sum(lengths)} tokens, longest {lengths[-8:]}", flush=True)
+
+    rows = []
+    for rep in range(a.repeats):
+        row = {}
+        for mode in ("plain", "adaptive") if rep % 2 == 0 else ("adaptive", "plain"):
+            t0 = time.perf_counter()
+            results = engines[mode].generate(fixed)
+            row[f"{mode}_s"] = round(time.perf_counter() - t0, 2)
+            if mode == "adaptive":
+                drafted = sum(r.speculation.drafted for r in results)
+                row["acceptance"] = round(sum(r.speculation.accepted for r in results) / max(drafted, 1), 3)
+                trace = engines[mode].trace
+                row["speculated_steps"] = round(sum(1 for s in trace if s.k > 0) / len(trace), 3)
+        row["adaptive_over_plain"] = round(row["adaptive_s"] / row["plain_s"], 3)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(json.dumps({"bench": "grpo_rollout", "seed": a.seed, "step": a.step, "task": a.task, "samples": len(fixed),
+                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": "native fp32, 1 CPU",
+                      "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2", "repeats": rows,
+                      "adaptive_over_plain": sorted(r["adaptive_over_plain"] for r in rows)}))
+
+
+if __name__ == "__main__":
+    main()
