@@ -27,7 +27,9 @@ SGLang server with this package installed gains the algorithm; nothing else chan
   a draft decode (width 1, captured with the int8 layers switched in) and a verify per K in
   `EFFICIENTROLLOUT_GRAPH_KS` (default 1,2,4) plus K_max (SGLang's own start-up capture); the
   gate's K is rounded down to one of those. Re-derived drafts are copied into the captured
-  tensors in place, so the graphs never read a stale (or freed) draft.
+  tensors in place, so the graphs never read a stale (or freed) draft. Known gaps (review
+  against SGLang 0.5.18, see the README's "GPUs"): FlashInfer's verify capture needs our chain
+  input from the runner's `get_spec_info`; FA3 needs an attention backend per K (eager too).
 
 Server flags: `--speculative-algorithm EFFICIENTROLLOUT [--speculative-num-steps K_MAX]` (8 by
 default); the worker always runs SGLang's non-overlap scheduler. Environment of the server:
@@ -294,7 +296,7 @@ class SelfDraftWorker(_worker_base()):
     def init_cuda_graphs(self):
         """SGLang's scheduler calls this once the target's graphs are captured: ours follow."""
         if getattr(self.model_runner, "decode_cuda_graph_runner", None) is not None and torch.device(self.device).type == "cuda":
-            ks = {int(k) for k in os.environ.get("EFFICIENTROLLOUT_GRAPH_KS", "1,2,4").split(",")}
+            ks = {int(k) for k in os.environ.get("EFFICIENTROLLOUT_GRAPH_KS", "1,2,4").split(",") if k.strip()}
             self.graphs = _StepGraphs(self.model_runner, self.k_max, {k for k in ks if 0 < k < self.k_max})
 
     # ---- the draft's weights ---------------------------------------------------------------
