@@ -27,9 +27,11 @@ SGLang server with this package installed gains the algorithm; nothing else chan
   a draft decode (width 1, captured with the int8 layers switched in) and a verify per K in
   `EFFICIENTROLLOUT_GRAPH_KS` (default 1,2,4) plus K_max (SGLang's own start-up capture); the
   gate's K is rounded down to one of those. Re-derived drafts are copied into the captured
-  tensors in place, so the graphs never read a stale (or freed) draft. Known gaps (review
-  against SGLang 0.5.18, see the README's "GPUs"): FlashInfer's verify capture needs our chain
-  input from the runner's `get_spec_info`; FA3 needs an attention backend per K (eager too).
+  tensors in place, so the graphs never read a stale (or freed) draft. Some attention backends
+  (FA3) read the verify width from SGLang's config when they are built, so on CUDA every K
+  the worker verifies with has its own backend, built with that width (graphs or not), and K
+  is rounded down to those widths; graph runners capture a verify with our chain input (a
+  custom algorithm's gets none from SGLang, which FlashInfer's capture cannot take).
 
 Server flags: `--speculative-algorithm EFFICIENTROLLOUT [--speculative-num-steps K_MAX]` (8 by
 default); the worker always runs SGLang's non-overlap scheduler. Environment of the server:
@@ -152,7 +154,11 @@ def derive_draft(layer, weight, apply) -> None:
     if draft.kernel != "none":
         source.weight = None  # keep no reference to the full-precision copy SGLang repacks next
     if _in_place and hasattr(layer, "_er_draft"):
-        layer._er_draft.copy_(draft)
+        try:
+            layer._er_draft.copy_(draft)
+        except ValueError as exc:  # a graph holds the old tensors: never replace them under it
+            log.error("the draft of %s cannot be refreshed in place (%s): speculation off", layer, exc)
+            layer._er_draft_broken = True
     else:
         layer._er_draft = draft
     layer._er_draft_stamp = next(_loads)
@@ -201,21 +207,18 @@ def _draft_layers_on():
 class _StepGraphs:
     """CUDA graph runners for every step shape the worker runs (see the module docstring)."""
 
-    def __init__(self, model_runner, k_max: int, ks: set[int]):
+    def __init__(self, model_runner, k_max: int, backends: dict):
         global _in_place
         self.verify = {k_max: None}  # SGLang's own runner (width K_max + 1; it may recapture it after updates)
-        for k in sorted(ks):
-            self.verify[k] = _capture(model_runner, k + 1)
-        self.plain = _capture(model_runner, 1)
+        for k, backend in sorted(backends.items()):
+            with _verify_width(k + 1):
+                self.verify[k] = _runner_class()(model_runner, attn_backend=backend, speculative_num_steps=k,
+                                                 speculative_num_draft_tokens=k + 1)
+        self.plain = _capture_decode(model_runner)
         with _draft_layers_on():
-            self.draft = _capture(model_runner, 1)
+            self.draft = _capture_decode(model_runner)
         _in_place = True  # from now on the graphs hold the drafts' tensors
-        self.ks = sorted(self.verify)
-        log.info("%s: CUDA graphs for plain and draft steps and verifies with K in %s", ALGORITHM, self.ks)
-
-    def k_for(self, k: int) -> int:
-        """The largest K with a graph that is at most `k` (drafting fewer is always allowed)."""
-        return max((g for g in self.ks if g <= k), default=0)
+        log.info("%s: CUDA graphs for plain and draft steps and verifies with K in %s", ALGORITHM, sorted(self.verify))
 
     def runner(self, step, sglangs):
         """The runner for `step`; `sglangs` is the one SGLang has installed (K_max's verify)."""
@@ -223,22 +226,70 @@ class _StepGraphs:
         return sglangs if runner is None else runner
 
 
-def _capture(model_runner, width: int):
-    """A graph runner over SGLang's batch buckets for steps of `width` tokens per request, with its
-    own attention backend (as SGLang's adaptive EAGLE builds one per step count). Width 1 is
-    captured as a DECODE step: SGLang picks TARGET_VERIFY for every runner of a speculative server."""
-    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+def _backend(model_runner):
+    """A new attention backend of the model runner (its own workspace: graphs bake it in), built
+    with whatever verify width SGLang's config holds now (see _verify_width)."""
+    workspace = model_runner.init_new_workspace
+    try:
+        return model_runner._get_attention_backend(init_new_workspace=True)
+    finally:
+        model_runner.init_new_workspace = workspace
+
+
+@contextlib.contextmanager
+def _verify_width(width: int):
+    """SGLang's verify width (speculative_num_draft_tokens) set to `width` while a backend or a
+    graph runner is built: some read it then (FA3), as SGLang's adaptive EAGLE does per step count."""
+    from sglang.srt.runtime_context import get_context, get_spec
+
+    spec = get_spec()
+    steps, tokens = spec.speculative_num_steps, spec.speculative_num_draft_tokens
+    get_context().override("efficientrollout.verify_width", speculative_num_steps=width - 1, speculative_num_draft_tokens=width)
+    try:
+        yield
+    finally:
+        get_context().override("efficientrollout.verify_width", speculative_num_steps=steps, speculative_num_draft_tokens=tokens)
+
+
+def _capture_decode(model_runner):
+    """A DECODE graph runner (one token per request) over SGLang's batch buckets, with its own
+    attention backend: SGLang picks TARGET_VERIFY for every runner of a speculative server, so
+    the runner is built while the model runner reads as non-speculative."""
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    algorithm, workspace = model_runner.spec_algorithm, model_runner.init_new_workspace
+    algorithm = model_runner.spec_algorithm
     try:
-        backend = model_runner._get_attention_backend(init_new_workspace=True)
-        if width == 1:
-            model_runner.spec_algorithm = SpeculativeAlgorithm.NONE
-        return DecodeCudaGraphRunner(model_runner, attn_backend=backend, speculative_num_steps=width - 1,
-                                     speculative_num_draft_tokens=width)
+        model_runner.spec_algorithm = SpeculativeAlgorithm.NONE
+        return _runner_class()(model_runner, attn_backend=_backend(model_runner), speculative_num_steps=0,
+                               speculative_num_draft_tokens=1)
     finally:
-        model_runner.spec_algorithm, model_runner.init_new_workspace = algorithm, workspace
+        model_runner.spec_algorithm = algorithm
+
+
+_RunnerClass = None
+
+
+def _runner_class():
+    """SGLang's decode graph runner, capturing verifies with our chain input: for a custom
+    algorithm SGLang captures them with none, and FlashInfer's capture asserts on that."""
+    global _RunnerClass
+    if _RunnerClass is None:
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+        from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+        class ChainGraphRunner(DecodeCudaGraphRunner):
+            def get_spec_info(self, num_tokens: int):
+                if self.capture_forward_mode != ForwardMode.TARGET_VERIFY:
+                    return super().get_spec_info(num_tokens)
+                width = self.captured_req_width
+                device = self.model_runner.device
+                seq_lens = torch.full((num_tokens // width,), self.seq_len_fill_value, dtype=torch.int64, device=device)
+                info = _chain_input(torch.zeros(num_tokens // width, width, dtype=torch.int64, device=device), seq_lens, width)
+                info.capture_hidden_mode = CaptureHiddenMode.NULL
+                return info
+
+        _RunnerClass = ChainGraphRunner
+    return _RunnerClass
 
 
 def _speculable(info) -> bool:
@@ -292,12 +343,34 @@ class SelfDraftWorker(_worker_base()):
         self._wrap_weight_updates()
         self.refresh_drafts()
         self.graphs = None  # ours, captured after SGLang's (init_cuda_graphs)
+        self.backends: dict[int, object] = {}  # CUDA: an attention backend per verified K < K_max
+        self.cuda = torch.device(self.device).type == "cuda"
+        if self.cuda:
+            self.model_runner._decode_cuda_graph_runner_cls = _runner_class  # SGLang's own capture: our chain input
+
+    def init_attention_backends(self):
+        """SGLang's scheduler calls this after the target's backends: on CUDA, one per verified
+        K (EFFICIENTROLLOUT_GRAPH_KS, default 1,2,4; K_max verifies on the target's own)."""
+        if self.cuda:
+            ks = {int(k) for k in os.environ.get("EFFICIENTROLLOUT_GRAPH_KS", "1,2,4").split(",") if k.strip()}
+            for k in sorted(k for k in ks if 0 < k < self.k_max):
+                with _verify_width(k + 1):
+                    self.backends[k] = _backend(self.model_runner)
 
     def init_cuda_graphs(self):
         """SGLang's scheduler calls this once the target's graphs are captured: ours follow."""
-        if getattr(self.model_runner, "decode_cuda_graph_runner", None) is not None and torch.device(self.device).type == "cuda":
-            ks = {int(k) for k in os.environ.get("EFFICIENTROLLOUT_GRAPH_KS", "1,2,4").split(",") if k.strip()}
-            self.graphs = _StepGraphs(self.model_runner, self.k_max, {k for k in ks if 0 < k < self.k_max})
+        if not (self.cuda and getattr(self.model_runner, "decode_cuda_graph_runner", None) is not None):
+            return
+        args = self.server_args
+        if args.enable_lora or args.enable_mamba_extra_buffer():  # shared per-width state our extra runners would reset
+            log.warning("%s: no CUDA graphs of its own with LoRA or mamba extra buffers; its steps run eagerly", ALGORITHM)
+            self.model_runner.decode_cuda_graph_runner = None
+            return
+        self.graphs = _StepGraphs(self.model_runner, self.k_max, self.backends)
+
+    def _k_for(self, k: int) -> int:
+        """On CUDA, the largest verified K (one with its own backend, or K_max) at most `k`."""
+        return max((g for g in (*self.backends, self.k_max) if g <= k), default=0) if self.cuda else k
 
     # ---- the draft's weights ---------------------------------------------------------------
 
@@ -315,6 +388,9 @@ class SelfDraftWorker(_worker_base()):
         head = getattr(model, "lm_head", None)
         if head is not None and getattr(head, "weight", None) is not None and not getattr(head, "use_intel_amx_backend", False):
             derive_draft(head, head.weight, lambda x: torch.nn.functional.linear(x, head.weight))
+        if any(getattr(m, "_er_draft_broken", False) for m in self._draft_layers()):
+            self.enabled = False
+            return
         stale = [m for m in self._draft_layers() if m._er_draft_stamp <= self.stamp and m is not head]
         for layer in stale:
             if getattr(layer, "use_intel_amx_backend", False):  # SGLang's packed layout: no weights to read back
@@ -373,8 +449,7 @@ class SelfDraftWorker(_worker_base()):
                                 batch.seq_lens.clone(), torch.ones(bs, dtype=torch.int32, device=batch.seq_lens.device),
                                 out.can_run_cuda_graph)
         k = self.gate.choose(bs, True, self.k_max) if self.enabled and _speculable(batch.sampling_info) else 0
-        if self.graphs is not None:
-            k = self.graphs.k_for(k)
+        k = self._k_for(k)
         t0 = time.perf_counter()
         seq_lens = batch.seq_lens
         self._committed = (seq_lens, batch.seq_lens_cpu)  # KV committed: every position before the root
@@ -460,7 +535,7 @@ class SelfDraftWorker(_worker_base()):
         self._decode_inputs(batch, chain.reshape(-1), slots.reshape(-1), 0)  # verify extends the committed KV
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.spec_info = _chain_input(chain, seq_lens, width)
-        with self._graph(k):
+        with self._graph(k), self._attention(k):
             out = self.target_worker.forward_batch_generation(batch, is_verify=True)
         logits = out.logits_output.next_token_logits.view(bs, width, -1)
         target_probs = None
@@ -486,6 +561,19 @@ class SelfDraftWorker(_worker_base()):
             yield
         finally:
             self.model_runner.decode_cuda_graph_runner = runner
+
+    @contextlib.contextmanager
+    def _attention(self, k: int):
+        """K's own attention backend installed for one (eager or graph-fallback) verify."""
+        backend = self.backends.get(k)
+        if backend is None:
+            yield
+            return
+        target, self.model_runner.attn_backend = self.model_runner.attn_backend, backend
+        try:
+            yield
+        finally:
+            self.model_runner.attn_backend = target
 
     def _result(self, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
         """A spec-v2 result; `next_draft_input` keeps the fixed layout SGLang filters and merges."""
