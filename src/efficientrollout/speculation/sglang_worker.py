@@ -226,12 +226,13 @@ class _StepGraphs:
         return sglangs if runner is None else runner
 
 
-def _backend(model_runner):
-    """A new attention backend of the model runner (its own workspace: graphs bake it in), built
-    with whatever verify width SGLang's config holds now (see _verify_width)."""
+def _backend(model_runner, own_workspace: bool = True):
+    """A new attention backend of the model runner, built with whatever verify width SGLang's
+    config holds now (see _verify_width); with its own workspace where a graph will bake it in
+    (FlashInfer's is 384 MiB or more), else sharing the global one (eager steps run in turn)."""
     workspace = model_runner.init_new_workspace
     try:
-        return model_runner._get_attention_backend(init_new_workspace=True)
+        return model_runner._get_attention_backend(init_new_workspace=own_workspace)
     finally:
         model_runner.init_new_workspace = workspace
 
@@ -355,7 +356,7 @@ class SelfDraftWorker(_worker_base()):
             ks = {int(k) for k in os.environ.get("EFFICIENTROLLOUT_GRAPH_KS", "1,2,4").split(",") if k.strip()}
             for k in sorted(k for k in ks if 0 < k < self.k_max):
                 with _verify_width(k + 1):
-                    self.backends[k] = _backend(self.model_runner)
+                    self.backends[k] = _backend(self.model_runner, own_workspace=not self.server_args.disable_cuda_graph)
 
     def init_cuda_graphs(self):
         """SGLang's scheduler calls this once the target's graphs are captured: ours follow."""
