@@ -124,6 +124,16 @@ def make_tasks(task: str, step: int, count: int, seed: int) -> list[tuple[str, C
     return TASKS[task](random.Random(seed * 100_003 + step), count)
 
 
+def step_requests(task: str, step: int, prompts: int, group: int, max_new_tokens: int, seed: int,
+                  min_version: int = 0) -> list[tuple[RolloutRequest, Callable[[RolloutResult], float]]]:
+    """Step `step`'s requests (G samples of each prompt at temperature 1, seeded per step and
+    prompt), each with the reward of its replies."""
+    return [(RolloutRequest(id=f"s{step}-p{i}-{time.time_ns()}", messages=[ChatMessage("user", prompt)], min_policy_version=min_version,
+                            sampling=SamplingParams(n=group, temperature=1.0, max_new_tokens=max_new_tokens,
+                                                    seed=seed * 1_000_003 + step * 1000 + i)), score)
+            for i, (prompt, score) in enumerate(make_tasks(task, step, prompts, seed))]
+
+
 def micro_batches(lengths: list[int], tokens: int = 2048) -> list[list[int]]:
     """Indices in length order, cut so that no micro-batch pads past `tokens` (rows x longest):
     one long reply trains alone instead of padding seven short ones to its length."""
@@ -201,13 +211,9 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
     rewards_of: dict[str, Callable[[RolloutResult], float]] = {}  # request id → its reward
 
     def batch(step: int, min_version: int) -> list[RolloutRequest]:
-        requests = []
-        for i, (prompt, score) in enumerate(make_tasks(a.task, step, a.prompts, a.seed)):
-            requests.append(RolloutRequest(
-                id=f"s{step}-p{i}-{time.time_ns()}", messages=[ChatMessage("user", prompt)], min_policy_version=min_version,
-                sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens, seed=a.seed * 1_000_003 + step * 1000 + i)))
-            rewards_of[requests[-1].id] = score
-        return requests
+        pairs = step_requests(a.task, step, a.prompts, a.group, a.max_new_tokens, a.seed, min_version)
+        rewards_of.update((request.id, score) for request, score in pairs)
+        return [request for request, _ in pairs]
 
     def train(samples: list[RolloutResult], advantages: list[float]) -> tuple[list[float], int]:
         """One update on the samples that carry a gradient; returns the log-prob gaps (trainer vs

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
-from efficientrollout.protocol import ChatMessage, RolloutRequest, SamplingParams
+from efficientrollout.protocol import RolloutRequest, SamplingParams
 from efficientrollout.speculation import SpeculationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from grpo import make_tasks  # noqa: E402
+from grpo import step_requests  # noqa: E402
 
 
 def main() -> None:
@@ -41,16 +41,13 @@ def main() -> None:
     os.sched_setaffinity(0, {a.cpu})
     torch.set_num_threads(1)
 
-    tasks = make_tasks(a.task, a.step, a.prompts, a.seed)
+    requests = [request for request, _ in step_requests(a.task, a.step, a.prompts, a.group, a.max_new_tokens, a.seed)]
+    prompt_of = {r.id: r.messages for r in requests}
     engines = {mode: NativeEngine(EngineConfig(dtype="float32", max_batch_size=a.prompts * a.group, max_seq_len=a.max_new_tokens + 192,
                                                speculation=SpeculationConfig(mode=mode)))
                for mode in ("plain", "adaptive")}
-    sampled = engines["plain"].generate([  # exactly the example's requests (its seeds): the same samples
-        RolloutRequest(id=f"p{i}", messages=[ChatMessage("user", prompt)],
-                       sampling=SamplingParams(n=a.group, temperature=1.0, max_new_tokens=a.max_new_tokens,
-                                               seed=a.seed * 1_000_003 + a.step * 1000 + i))
-        for i, (prompt, _) in enumerate(tasks)])
-    fixed = [RolloutRequest(id=f"f{j}", messages=[ChatMessage("user", tasks[int(r.request_id[1:])][0])],
+    sampled = engines["plain"].generate(requests)  # exactly the example's requests (its seeds): the same samples
+    fixed = [RolloutRequest(id=f"f{j}", messages=prompt_of[r.request_id],
                             sampling=SamplingParams(temperature=1.0, max_new_tokens=len(r.output_token_ids), seed=j, ignore_eos=True))
              for j, r in enumerate(sampled)]
     lengths = sorted(len(r.output_token_ids) for r in sampled)

@@ -389,10 +389,11 @@ class SelfDraftWorker(_worker_base()):
         head = getattr(model, "lm_head", None)
         if head is not None and getattr(head, "weight", None) is not None and not getattr(head, "use_intel_amx_backend", False):
             derive_draft(head, head.weight, lambda x: torch.nn.functional.linear(x, head.weight))
-        if any(getattr(m, "_er_draft_broken", False) for m in self._draft_layers()):
+        layers = self._draft_layers()
+        if any(getattr(m, "_er_draft_broken", False) for m in layers):
             self.enabled = False
             return
-        stale = [m for m in self._draft_layers() if m._er_draft_stamp <= self.stamp and m is not head]
+        stale = [m for m in layers if m._er_draft_stamp <= self.stamp and m is not head]
         for layer in stale:
             if getattr(layer, "use_intel_amx_backend", False):  # SGLang's packed layout: no weights to read back
                 log.error("draft weights of %s could not be re-derived after a weight update: speculation off", layer)
@@ -401,7 +402,7 @@ class SelfDraftWorker(_worker_base()):
             derive_draft(layer, layer.weight, lambda x, layer=layer: _target_apply(layer.quant_method, layer, x, layer.bias))
         self.stamp = next(_loads)
         self.weights_changed = False
-        if not self._draft_layers():
+        if not layers:
             log.error("no layer of %s has a draft copy: speculation off", type(model).__name__)
             self.enabled = False
 
