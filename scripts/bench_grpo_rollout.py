@@ -5,7 +5,8 @@ distribution, not the same draws), so their rollout times mix speed with luck in
 This takes one step's batch of `examples/grpo.py` (its prompts and seeds; the bundled model's
 own weights, i.e. version 0), samples it once plain to learn every sample's length, then
 generates the same prompts with those lengths (ignore_eos) plain and adaptive, interleaved,
-with one fp32 engine on one CPU as the example runs it. Prints a JSON line last.
+with one fp32 engine on one CPU as the example runs it (`--device cuda`: on a GPU). Prints a
+JSON line last.
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved plain / adaptive pairs")
     ap.add_argument("--cpu", type=int, default=1, help="the CPU the engine runs on (the example's engine CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu (as the example runs it) or cuda")
+    ap.add_argument("--dtype", default="float32", help="the engine's; float32 is the example's (log-prob parity with its trainer)")
     a = ap.parse_args()
-    os.sched_setaffinity(0, {a.cpu})
-    torch.set_num_threads(1)
+    if a.device == "cpu":
+        os.sched_setaffinity(0, {a.cpu})
+        torch.set_num_threads(1)
 
     requests = [request for request, _ in step_requests(a.task, a.step, a.prompts, a.group, a.max_new_tokens, a.seed)]
     prompt_of = {r.id: r.messages for r in requests}
-    engines = {mode: NativeEngine(EngineConfig(dtype="float32", max_batch_size=a.prompts * a.group, max_seq_len=a.max_new_tokens + 192,
+    engines = {mode: NativeEngine(EngineConfig(device=a.device, dtype=a.dtype, max_batch_size=a.prompts * a.group, max_seq_len=a.max_new_tokens + 192,
                                                speculation=SpeculationConfig(mode=mode)))
                for mode in ("plain", "adaptive")}
     sampled = engines["plain"].generate(requests)  # exactly the example's requests (its seeds): the same samples
@@ -69,7 +73,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(json.dumps({"bench": "grpo_rollout", "seed": a.seed, "step": a.step, "task": a.task, "samples": len(fixed),
-                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": "native fp32, 1 CPU",
+                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}",
+                      "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "1 CPU",
                       "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2", "repeats": rows,
                       "adaptive_over_plain": sorted(r["adaptive_over_plain"] for r in rows)}))
 

@@ -39,6 +39,8 @@ def run_wave(engine: NativeEngine, requests) -> dict:
     t0 = time.perf_counter()
     results = engine.generate(requests)
     wall = time.perf_counter() - t0
+    if failed := [r.error for r in results if r.error]:
+        raise SystemExit(f"{len(failed)} of {len(results)} samples failed: {failed[0]}")
     trace = engine.trace
     tokens = sum(len(r.output_token_ids) for r in results)
     drafted = sum(s.drafted for s in trace)
@@ -74,12 +76,14 @@ def main() -> None:
     ap.add_argument("--png", default="out/rollout_timeline.png")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--drafter", default="int8", choices=["int8", "int4"])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     Path(a.png).parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=64, max_seq_len=a.max_len + 128,
+    engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=64, max_seq_len=a.max_len + 128,
                                        speculation=SpeculationConfig(drafter=a.drafter)))
     init_s = time.perf_counter() - t0
     probed = copy.deepcopy(engine.gate)
@@ -162,7 +166,8 @@ def main() -> None:
         s / gain[max((g for g in gain if g <= batch), default=min(gain))] for batch, s in plain_steps)
 
     summary = {
-        "bench": "rollout", "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+        "bench": "rollout", "model": a.model,
+        "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
         "drafter_kernel": engine.drafter.kernel, "threads": torch.get_num_threads(), "max_len": a.max_len,
         "engine_init_s": round(init_s, 2), "requantize_s": round(requant_s, 3), "draft_to_target_step_cost": ratios,
         "wave": {m: {k: v for k, v in w.items() if k != "trace"} for m, w in waves.items()},

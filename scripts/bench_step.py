@@ -3,7 +3,9 @@ over K+1 positions, at a few batch sizes and context lengths, in one process.
 
 Each cell is the median of --repeats interleaved timings (target, drafter, verifies in turn, so
 the machine's swings hit all of them alike); ratios are to the target step of the same batch and
-context. Prints one JSON line last.
+context. `--drafters int8,int4` times one drafter step per kind (int4 needs CUDA or an AVX512
+CPU). On a GPU, pair it with `scripts/make_random_checkpoint.py` for memory-bound layer shapes.
+Prints one JSON line last.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
-from efficientrollout.speculation import SpeculationConfig
+from efficientrollout.speculation import Drafter, SpeculationConfig
+from efficientrollout.speculation.drafter import pick_kernel
 
 
 def main() -> None:
@@ -27,12 +30,17 @@ def main() -> None:
     ap.add_argument("--ks", default="3,7", help="draft lengths whose verify (K+1 positions) is timed")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--drafters", default="int8", help="comma list of int8, int4")
     a = ap.parse_args()
     batches, contexts, ks = ([int(x) for x in s.split(",")] for s in (a.batches, a.contexts, a.ks))
     torch.set_grad_enabled(False)
-    engine = NativeEngine(EngineConfig(dtype=a.dtype, max_batch_size=max(batches), max_seq_len=max(contexts) + max(ks) + 2,
-                                       speculation=SpeculationConfig(mode="adaptive", probe=False)))
-    runner, drafter = engine.runner, engine.drafter.decoder
+    engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=max(batches),
+                                       max_seq_len=max(contexts) + max(ks) + 2, speculation=SpeculationConfig(mode="plain")))
+    runner = engine.runner
+    drafters = {kind: Drafter(runner.decoder, kernel=pick_kernel(engine.device, bits=4 if kind == "int4" else 8, dtype=engine.torch_dtype))
+                for kind in a.drafters.split(",")}
 
     def forward(b: int, ctx: int, width: int, decoder=None):
         tokens = torch.zeros(b, width, dtype=torch.long, device=engine.device)
@@ -42,7 +50,8 @@ def main() -> None:
     rows = []
     for b in tqdm(batches, desc="batch sizes"):
         for ctx in contexts:
-            cells = {"target": forward(b, ctx, 1), "drafter": forward(b, ctx, 1, drafter)}
+            cells = {"target": forward(b, ctx, 1)}
+            cells.update({f"drafter_{kind}": forward(b, ctx, 1, d.decoder) for kind, d in drafters.items()})
             cells.update({f"verify_k{k}": forward(b, ctx, k + 1) for k in ks})
             times: dict[str, list[float]] = {name: [] for name in cells}
             for fn in cells.values():
@@ -59,8 +68,9 @@ def main() -> None:
                    **{f"{n}_vs_target": round(v / ms["target"], 3) for n, v in ms.items() if n != "target"}}
             rows.append(row)
             print(json.dumps(row))
-    print(json.dumps({"bench": "step", "device": engine.device.type, "dtype": engine.dtype, "threads": torch.get_num_threads(),
-                      "drafter_kernel": engine.drafter.kernel, "repeats": a.repeats, "rows": rows}))
+    device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
+    print(json.dumps({"bench": "step", "model": a.model, "device": device, "dtype": engine.dtype, "threads": torch.get_num_threads(),
+                      "drafter_kernels": {kind: d.kernel for kind, d in drafters.items()}, "repeats": a.repeats, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def test_vocab_head_keeps_the_most_emitted_tokens_and_their_exact_logits(tiny_en
     x = torch.randn(3, decoder.cfg.hidden_size, device=tiny_engine.device)
     got, want = small.decoder.logits(x), full.decoder.logits(x)
     kept = small.head.ids
-    assert torch.equal(got[:, kept], want[:, kept])  # the same quantized rows
+    # the same quantized rows: bit-identical on CPUs; cuBLAS may split a 4-row GEMM differently
+    exact = tiny_engine.device.type == "cpu"
+    torch.testing.assert_close(got[:, kept], want[:, kept], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-4)
     others = torch.ones(got.shape[-1], dtype=torch.bool)
     others[kept] = False
     assert torch.isinf(got[:, others]).all() and (got[:, others] < 0).all()

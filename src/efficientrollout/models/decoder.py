@@ -9,12 +9,23 @@ is an `nn.Linear`, so torchao's `quantize_` can derive a drafter from the same m
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kernels import cpu_ops, streamed_linear_op
 from .config import ModelConfig
+
+
+# SDPA's cuDNN backend (PyTorch's first choice for bf16 on Hopper) builds a cuDNN graph for every
+# new shape, and a decode step's shape is new every step (kv_len grows; batch sizes change). On
+# an H100 (torch 2.11) a bf16 engine step of a SmolLM2-shaped model cost 50-63 ms where fp32,
+# which never takes cuDNN, cost 18-24 ms, and an 8B-layer-shaped one the same ~50 ms extra: one
+# graph build per step. The other backends have no per-shape set-up.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -242,8 +253,9 @@ class Decoder(nn.Module):
         x = self.embed(tokens)
         cos = self.cos[positions].to(x.dtype)[:, :, None]
         sin = self.sin[positions].to(x.dtype)[:, :, None]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, ctx, cache.k[i], cache.v[i])
+        with sdpa_kernel(_CUDA_SDPA) if x.is_cuda else nullcontext():
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, ctx, cache.k[i], cache.v[i])
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def _forward_fused(self, tokens: Tensor, positions: Tensor, cache: KVCache, kv_len: int, layers: tuple) -> Tensor:
