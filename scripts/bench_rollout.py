@@ -78,12 +78,13 @@ def main() -> None:
     ap.add_argument("--drafter", default="int8", choices=["int8", "int4"])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay steps from CUDA graphs (EngineConfig.cuda_graphs)")
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     Path(a.png).parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=64, max_seq_len=a.max_len + 128,
+    engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs, max_batch_size=64, max_seq_len=a.max_len + 128,
                                        speculation=SpeculationConfig(drafter=a.drafter)))
     init_s = time.perf_counter() - t0
     probed = copy.deepcopy(engine.gate)
@@ -166,7 +167,7 @@ def main() -> None:
         s / gain[max((g for g in gain if g <= batch), default=min(gain))] for batch, s in plain_steps)
 
     summary = {
-        "bench": "rollout", "model": a.model,
+        "bench": "rollout", "model": a.model, "cuda_graphs": a.cuda_graphs,
         "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
         "drafter_kernel": engine.drafter.kernel, "threads": torch.get_num_threads(), "max_len": a.max_len,
         "engine_init_s": round(init_s, 2), "requantize_s": round(requant_s, 3), "draft_to_target_step_cost": ratios,

@@ -32,11 +32,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay steps from CUDA graphs (EngineConfig.cuda_graphs)")
     ap.add_argument("--drafters", default="int8", help="comma list of int8, int4")
     a = ap.parse_args()
     batches, contexts, ks = ([int(x) for x in s.split(",")] for s in (a.batches, a.contexts, a.ks))
     torch.set_grad_enabled(False)
-    engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, max_batch_size=max(batches),
+    engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs, max_batch_size=max(batches),
                                        max_seq_len=max(contexts) + max(ks) + 2, speculation=SpeculationConfig(mode="plain")))
     runner = engine.runner
     drafters = {kind: Drafter(runner.decoder, kernel=pick_kernel(engine.device, bits=4 if kind == "int4" else 8, dtype=engine.torch_dtype))
@@ -69,7 +70,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row))
     device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else engine.device.type
-    print(json.dumps({"bench": "step", "model": a.model, "device": device, "dtype": engine.dtype, "threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "step", "model": a.model, "device": device, "cuda_graphs": a.cuda_graphs, "dtype": engine.dtype, "threads": torch.get_num_threads(),
                       "drafter_kernels": {kind: d.kernel for kind, d in drafters.items()}, "repeats": a.repeats, "rows": rows}))
 
 

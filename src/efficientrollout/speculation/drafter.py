@@ -287,6 +287,7 @@ class Drafter:
         for q in self.linears:
             q.requantize()
         self.decoder.invalidate_fused()
+        self.decoder.graph_epoch += 1
         self.stale = False
         self.requantize_s = time.perf_counter() - t0
         return self.requantize_s

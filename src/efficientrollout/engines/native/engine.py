@@ -53,6 +53,8 @@ class EngineConfig:
     max_batch_size: int = option(64, "samples decoded together (KV cache slots)")
     max_seq_len: int = option(2048, "prompt + output tokens per sample (KV cache length)")
     max_prefill_tokens: int = option(8192, "padded prompt tokens per prefill forward")
+    cuda_graphs: bool = option(False, "CUDA only: replay decode, draft and verify steps from CUDA graphs (captured on "
+                               "first use per padded batch, width and key length; unmeasured on a GPU so far)")
     speculation: SpeculationConfig = option(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
@@ -90,7 +92,7 @@ class NativeEngine:
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.model_path = loaded.path
-        self.runner = ModelRunner(loaded.decoder, config.max_batch_size, config.max_seq_len)
+        self.runner = ModelRunner(loaded.decoder, config.max_batch_size, config.max_seq_len, config.cuda_graphs)
         self.version = 0
         self.engine_id = engine_id or f"native-{socket.gethostname()}-{os.getpid()}"
         self._generating = False
@@ -197,7 +199,8 @@ class NativeEngine:
             running: list[Sequence] = []
             self.trace, self._wave_t0 = [], time.perf_counter()
             if self.drafter is not None:
-                self.drafter.head.refresh()  # the drafter's vocabulary, from the tokens emitted so far
+                if self.drafter.head.refresh():  # the drafter's vocabulary, from the tokens emitted so far
+                    self.drafter.decoder.graph_epoch += 1
             self.gate.start_wave()
             while (waiting or running) and not self._abort and not (stop is not None and stop()):
                 if waiting and len(running) < self.config.max_batch_size:
