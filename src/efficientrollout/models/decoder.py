@@ -219,6 +219,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         self._fused: tuple | None = None  # see fused_layers()
         self.graph_epoch = 0  # bumped when linears get new tensors: CUDA graphs holding the old ones are stale
+        self.graphed = False  # CUDA graphs hold its tensors: refresh them in place where possible
         self.register_buffer("cos", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
         self._init_rope(inv_freq, rope_scale, max_seq_len)

@@ -284,10 +284,18 @@ class Drafter:
     def requantize(self) -> float:
         """Re-derive every quantized weight from the live target weights; returns seconds."""
         t0 = time.perf_counter()
+        in_place = self.decoder.graphed  # CUDA graphs read these tensors: copy new weights into them
         for q in self.linears:
+            if in_place:
+                try:
+                    q.copy_(QuantLinear(q._source[0], q.kernel, q.group_size))
+                    continue
+                except ValueError:  # a layout that cannot be copied in place: new tensors, recapture
+                    in_place = False
             q.requantize()
         self.decoder.invalidate_fused()
-        self.decoder.graph_epoch += 1
+        if not in_place:
+            self.decoder.graph_epoch += 1
         self.stale = False
         self.requantize_s = time.perf_counter() - t0
         return self.requantize_s

@@ -92,7 +92,8 @@ class NativeEngine:
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
         self.model_path = loaded.path
-        self.runner = ModelRunner(loaded.decoder, config.max_batch_size, config.max_seq_len, config.cuda_graphs)
+        self.runner = ModelRunner(loaded.decoder, config.max_batch_size, config.max_seq_len, config.cuda_graphs,
+                                  max_width=config.speculation.k_max + 1)
         self.version = 0
         self.engine_id = engine_id or f"native-{socket.gethostname()}-{os.getpid()}"
         self._generating = False
@@ -264,12 +265,14 @@ class NativeEngine:
         left = max(s.params.max_new_tokens - len(s.output_ids) for s in running)
         k = self.gate.choose(b, wave_filled, min(room, left - 1)) if self.drafter is not None else 0
         last_tokens, last_positions = [s.output_ids[-1] for s in running], [s.last_position for s in running]
+        captures = self.runner.captures  # a step that captured a CUDA graph says nothing of step costs
         t0 = time.perf_counter()
         if k == 0:
             logits = self.runner.decode(last_tokens, last_positions)
             retired = list(self._sample_and_retire(logits, running, list(range(b))))
             seconds = time.perf_counter() - t0
-            self.gate.observe_target(b, seconds)
+            if self.runner.captures == captures:
+                self.gate.observe_target(b, seconds)
             self.trace.append(StepRecord(t0 - self._wave_t0, b, 0, 0, 0, b, seconds))
             yield from retired
             return
@@ -279,8 +282,9 @@ class NativeEngine:
         out = speculative_step(
             self.runner, self.drafter.decoder, last_tokens, last_positions, [s.seed for s in running], params, k,
         )
-        self.gate.observe_draft(b, out.draft_s / k)
-        self.gate.observe_verify(b, k, out.verify_s)
+        if self.runner.captures == captures:
+            self.gate.observe_draft(b, out.draft_s / k)
+            self.gate.observe_verify(b, k, out.verify_s)
         self.gate.observe_acceptance(b, k, sum(out.n_accepted), sum(1 for n in out.n_accepted if n < k))
         emitted = 0
         for s, n, tokens, lps in zip(running, out.n_accepted, out.emitted, out.logprobs):

@@ -22,7 +22,7 @@ from ...models import Decoder, KVCache
 
 
 class ModelRunner:
-    def __init__(self, decoder: Decoder, max_batch_size: int, max_seq_len: int, cuda_graphs: bool = False):
+    def __init__(self, decoder: Decoder, max_batch_size: int, max_seq_len: int, cuda_graphs: bool = False, max_width: int = 9):
         self.decoder = decoder
         p = next(decoder.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -31,7 +31,7 @@ class ModelRunner:
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError(f"cuda_graphs needs a CUDA device, not {self.device}")
-            self.graphs = StepGraphs(self, capture=True)
+            self.graphs = StepGraphs(self, capture=True, max_width=max_width)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> Tensor:
@@ -66,6 +66,11 @@ class ModelRunner:
             return logits
         return decoder.logits(decoder(tokens, positions, self.cache, kv_len=kv_len))
 
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (a step that captured one is no measure of step cost)."""
+        return 0 if self.graphs is None else self.graphs.captures
+
     def synchronize(self) -> None:
         """Wait for queued device work, so wall-clock step timings mean something on CUDA."""
         if self.device.type == "cuda":
@@ -86,7 +91,7 @@ def _pow2_at_least(n: int, floor: int, cap: int) -> int | None:
 
 
 class _Graph:
-    """One captured forward: its static inputs, its output, and the decoder epoch it holds."""
+    """One captured forward: its static inputs and the decoder epoch it holds."""
 
     __slots__ = ("epoch", "tokens", "positions", "pad", "graph", "forward", "logits")
 
@@ -96,28 +101,38 @@ class StepGraphs:
 
     `run` pads `b` rows to B (a power of two, at most the cache's slots) with token 0 at
     positions 0..T-1 of free slots, and the key length to S (a power of two from 256, at most
-    the cache's length). A graph's logits are valid until the next replay of any graph: callers
-    use them within the step. `capture=False` runs the same padded forward eagerly (tests check
-    the padding on CPUs with it). A decoder's graphs are recaptured when its `graph_epoch`
-    changes (the drafter's weights are re-derived as new tensors)."""
+    the cache's length); widths above `max_width` run eagerly. Every graph of a decoder writes
+    its logits [B, T, V] (fp32, contiguous) at the start of that decoder's one buffer of
+    slots x max_width x V, so graphs add no output memory; logits are valid until the next
+    replay: callers use them within the step.
+    `captures` counts captures (a step that captured is no step cost for the gate).
+    `capture=False` runs the same padded forward eagerly (tests check the padding on CPUs with
+    it). A decoder's graphs are dropped when its `graph_epoch` changes (its linears got new
+    tensors); the drafter refreshes its weights in place once graphed, so updates keep them."""
 
     MIN_KEYS = 256
 
-    def __init__(self, runner: ModelRunner, capture: bool = True):
-        self.runner, self.capture = runner, capture
+    def __init__(self, runner: ModelRunner, capture: bool = True, max_width: int = 9):
+        self.runner, self.capture, self.max_width = runner, capture, max_width
         self.slots, self.max_len = runner.cache.k.shape[1], runner.cache.k.shape[2]
         self.graphs: dict[tuple, _Graph] = {}
+        self.outputs: dict[int, Tensor] = {}  # id(decoder) -> its logits buffer (flat)
+        self.captures = 0
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def run(self, decoder: Decoder, tokens: Tensor, positions: Tensor, kv_len: int) -> Tensor | None:
         b, T = tokens.shape
         B = _pow2_at_least(b, 1, self.slots)
         S = _pow2_at_least(kv_len, self.MIN_KEYS, self.max_len)
-        if B is None or S is None:
+        if B is None or S is None or T > self.max_width:
             return None
         key = (id(decoder), B, T, S)
         g = self.graphs.get(key)
-        if g is None or g.epoch != decoder.graph_epoch:
+        if g is not None and g.epoch != decoder.graph_epoch:  # new tensors: every graph of it is stale
+            for stale in [k for k in self.graphs if k[0] == key[0]]:
+                del self.graphs[stale]
+            g = None
+        if g is None:
             g = self.graphs[key] = self._build(decoder, B, T, S)
         g.tokens[:b].copy_(tokens)
         g.positions[:b].copy_(positions)
@@ -127,21 +142,28 @@ class StepGraphs:
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.logits = g.forward()
+            g.forward()
         return g.logits[:b]
 
     def _build(self, decoder: Decoder, B: int, T: int, S: int) -> _Graph:
         dev, cache = self.runner.device, self.runner.cache
+        decoder.graphed = True  # from now on its weights are refreshed in place (Drafter.requantize)
+        V = decoder.cfg.vocab_size
+        flat = self.outputs.get(id(decoder))
+        if flat is None:
+            flat = self.outputs[id(decoder)] = torch.zeros(self.slots * self.max_width * V, device=dev)
         g = _Graph()
-        g.epoch, g.graph, g.logits = decoder.graph_epoch, None, None
+        g.logits = flat[: B * T * V].view(B, T, V)
+        g.epoch, g.graph = decoder.graph_epoch, None
         g.tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
         g.pad = torch.arange(T, device=dev).expand(B, T).contiguous()
-        # Until the first real step: positions S-T..S-1, where no running row has written (a
-        # step's keys end at kv_len <= S) and which the step itself then overwrites.
+        # Until the first real step: positions S-T..S-1, at or past every running row's current
+        # position (a step's keys end at kv_len <= S), which a step writes before any query reads.
         g.positions = S - T + g.pad
-        g.forward = lambda: decoder.logits(decoder(g.tokens, g.positions, cache, kv_len=S))
+        g.forward = lambda: g.logits.copy_(decoder.lm_head(decoder(g.tokens, g.positions, cache, kv_len=S)))
         if not self.capture:
             return g
+        self.captures += 1
         side = torch.cuda.Stream(dev)  # warm-up (lazy library state) outside the graph
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -150,5 +172,5 @@ class StepGraphs:
         torch.cuda.current_stream(dev).wait_stream(side)
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph, pool=self.pool):
-            g.logits = g.forward()
+            g.forward()
         return g
