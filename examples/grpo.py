@@ -297,7 +297,26 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
                    "published": version}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return rows
+
+        # The final policy on fresh prompts (the same in every mode): a step's reward is that of
+        # the policy that sampled its batch, which in asynchronous mode is one version older
+        # than in synchronous mode at the same step, so last-step rewards compare v(N-1) with
+        # v(N-2); this compares the policies both modes end with, after N updates each.
+        evaluation = None
+        if a.eval_batches:
+            t0 = time.perf_counter()
+            rollouts = [await client.start(batch(a.steps + i, version)) for i in range(a.eval_batches)]
+            per_prompt, versions = [], set()
+            for rollout in rollouts:
+                for group in await rollout.groups(timeout=1800):
+                    per_prompt.append(statistics.fmean(rewards_of[s.request_id](s) for s in group))
+                    versions |= {s.policy_version for s in group}
+            evaluation = {"eval_reward": round(statistics.fmean(per_prompt), 3),
+                          "eval_reward_se": round(statistics.stdev(per_prompt) / len(per_prompt) ** 0.5, 3) if len(per_prompt) > 1 else None,
+                          "eval_prompts": len(per_prompt), "eval_version": version, "eval_sample_versions": sorted(versions),
+                          "eval_s": round(time.perf_counter() - t0, 2)}
+            print(json.dumps(evaluation), flush=True)
+    return rows, evaluation
 
 
 def _current_version(policy_url: str) -> int:
@@ -306,7 +325,7 @@ def _current_version(policy_url: str) -> int:
     return PolicyClient(policy_url).latest() or 0
 
 
-def print_table(mode: str, rows: list[dict]) -> None:
+def print_table(mode: str, rows: list[dict], evaluation: dict | None = None) -> None:
     print(f"\n{mode}")
     print(f"{'step':>4} {'reward':>7} {'step s':>7} {'rollout s':>10} {'train s':>8} {'sync s':>7} {'rollout %':>9} {'versions':>9} "
           f"{'stale':>6} {'gap mean':>9} {'gap max':>9} {'tokens':>7} {'max len':>7}")
@@ -314,6 +333,9 @@ def print_table(mode: str, rows: list[dict]) -> None:
         print(f"{r['step']:>4} {str(r['mean_reward']):>7} {r['step_s']:>7} {r['rollout_s']:>10} {r['train_s']:>8} {r['sync_s']:>7} "
               f"{100 * r['rollout_share']:>8.0f}% {str(r['sample_versions']):>9} {r['staleness_max']:>6} "
               f"{str(r['logprob_gap_mean']):>9} {str(r['logprob_gap_max']):>9} {r['tokens']:>7} {r['max_len']:>7}")
+    if evaluation:
+        print(f"final policy (version {evaluation['eval_version']}) on {evaluation['eval_prompts']} fresh prompts: "
+              f"reward {evaluation['eval_reward']} +- {evaluation['eval_reward_se']}")
 
 
 def main() -> None:
@@ -332,6 +354,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local HF directory")
     ap.add_argument("--modes", default="plain-sync,adaptive-sync,adaptive-async",
                     help="SPECULATION[-sync|-async] runs to compare, each on a fresh fleet with the same seeds (no suffix: sync)")
+    ap.add_argument("--eval-batches", type=int, default=2, help="batches of fresh prompts the final policy answers, "
+                    "per mode (its reward is the comparison across modes); 0: none")
     ap.add_argument("--max-staleness", type=int, default=1, help="asynchronous modes: batches generating ahead of the trainer")
     ap.add_argument("--engine-cpus", default="auto",
                     help="CPUs for the engines, the trainer takes the rest ('auto': CPU 0 for the trainer, the others for "
@@ -348,7 +372,7 @@ def main() -> None:
             ap.error(f"unknown mode {m!r}: SPECULATION[-sync|-async] with SPECULATION one of {', '.join(MODES)}")
     engine_cpus = pin_cpus(a.engine_cpus)
 
-    results: dict[str, list[dict]] = {}
+    results: dict[str, tuple[list[dict], dict | None]] = {}
     if a.redis:
         results["fleet"] = anyio.run(run, a, a.redis, a.policy, a.token, Fleet(redis_url=a.redis), modes[0].endswith("-async"))
     else:
@@ -359,17 +383,19 @@ def main() -> None:
                            "--dtype", a.engine_dtype]
             with Fleet(1, engine_args=engine_args, engine_cpus=engine_cpus) as fleet:
                 results[mode] = anyio.run(run, a, fleet.redis_url, fleet.policy_url, fleet.token, fleet, sync == "async")
-    for mode, rows in results.items():
-        print_table(mode, rows)
+    for mode, (rows, evaluation) in results.items():
+        print_table(mode, rows, evaluation)
 
     summary = {"example": "grpo", "task": a.task, "steps": a.steps, "prompts": a.prompts, "group": a.group, "model": a.model,
                "max_new_tokens": a.max_new_tokens, "engine_dtype": a.engine_dtype, "max_staleness": a.max_staleness,
                "engine_cpus": sorted(engine_cpus) if engine_cpus else "shared",
                "trainer_cpus": sorted(os.sched_getaffinity(0))}
-    for mode, rows in results.items():
+    for mode, (rows, evaluation) in results.items():
         step_s = sum(r["step_s"] for r in rows)
         summary[mode] = {
             "reward_first": rows[0]["mean_reward"], "reward_last": rows[-1]["mean_reward"],
+            "final_reward": evaluation and evaluation["eval_reward"], "final_reward_se": evaluation and evaluation["eval_reward_se"],
+            "final_sample_versions": evaluation and evaluation["eval_sample_versions"],
             "rewards": [r["mean_reward"] for r in rows],
             "rollout_s": round(sum(r["rollout_s"] for r in rows), 2), "train_s": round(sum(r["train_s"] for r in rows), 2),
             "sync_s": round(sum(r["sync_s"] for r in rows), 2), "step_s": round(step_s, 2),

@@ -64,6 +64,8 @@ def test_grpo_example_compares_sync_and_async_modes(tiny_dir):
         assert summary["trainer_cpus"] == cpus[:1] and summary["engine_cpus"] == cpus[1:]
     for mode in ("adaptive-sync", "adaptive-async"):
         assert summary[mode]["step_time_ratio"] > 0 and summary[mode]["rollout_time_ratio"] > 0
+    for mode in ("plain-sync", "adaptive-sync", "adaptive-async"):  # every mode's final policy (version 3), same prompts
+        assert summary[mode]["final_sample_versions"] == [3] and 0.0 <= summary[mode]["final_reward"] <= 1.0
 
 
 def load_example():
