@@ -146,15 +146,23 @@ def micro_batches(lengths: list[int], tokens: int = 2048) -> list[list[int]]:
     return batches
 
 
-def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float, dual_clip: float = 3.0, backward: bool = True):
+def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip: float, dual_clip: float = 3.0, backward: bool = True,
+              correction: str = "decoupled", weight_cap: float = 2.0):
     """Token-mean PPO-clipped loss, backpropagated in length-sorted micro-batches (micro_batches);
     returns the trainer's log-probs of the sampled tokens, for the mismatch check.
 
-    The ratio is the trainer's probability over the one of the engine that sampled the token,
-    at the version it sampled with: for a stale sample (asynchronous mode) it is the importance
-    weight from the behaviour policy to the current one, PPO-clipped at 1 +- clip; for negative
-    advantages the dual clip bounds the objective at dual_clip * advantage, so a token the
-    policy has since made much likelier cannot dominate (dual-clip PPO, Ye et al. 2020)."""
+    `correction="ppo"`: the ratio is the trainer's probability over the one of the engine that
+    sampled the token, at the version it sampled with: for a stale sample (asynchronous mode)
+    the importance weight from the behaviour policy to the current one, PPO-clipped at
+    1 +- clip; for negative advantages the dual clip bounds the objective at dual_clip *
+    advantage (dual-clip PPO, Ye et al. 2020). A stale token whose probability has already
+    moved past the clip in its advantage's direction then gives no gradient at all.
+    `"decoupled"` (decoupled PPO, as AReaL trains asynchronously): the clip is taken against the
+    trainer's own policy before this update (the proximal one), and the lag is an importance
+    weight, behaviour -> proximal, truncated at `weight_cap`. With the one update per batch
+    made here the ratio to the proximal policy is 1 where the gradient is taken, so every
+    token contributes, weighted by how much likelier the policy has since made it. On-policy
+    (sync, fp32 parity) both are the same update."""
     total_tokens = sum(len(s.output_token_ids) for s in samples)
     trainer_lps: dict[int, torch.Tensor] = {}
     body, head = model.get_decoder(), model.get_output_embeddings()
@@ -174,11 +182,17 @@ def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip
         loss = 0.0
         for row, i in enumerate(chunk):
             s, adv = samples[i], advantages[i]
-            lp = logp[row]
-            ratio = torch.exp(lp - torch.tensor(s.logprobs))  # trainer vs the engine that sampled it
+            lp, behaviour = logp[row], torch.tensor(s.logprobs)  # the trainer's; the engine's that sampled it
+            if correction == "decoupled":
+                proximal = lp.detach()
+                weight = torch.exp(proximal - behaviour).clamp(max=weight_cap)
+                ratio = torch.exp(lp - proximal)
+            else:
+                weight, ratio = 1.0, torch.exp(lp - behaviour)
             objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
             if adv < 0:
                 objective = torch.maximum(objective, torch.tensor(dual_clip * adv))
+            objective = weight * objective
             loss = loss - objective.sum()
             trainer_lps[i] = lp.detach()
         if backward:
@@ -225,7 +239,7 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
             samples, advantages = [samples[i] for i in learn], [advantages[i] for i in learn]
             model.train()
             optimizer.zero_grad()
-            trainer_lps = grpo_loss(model, samples, advantages, a.clip, a.dual_clip)
+            trainer_lps = grpo_loss(model, samples, advantages, a.clip, a.dual_clip, correction=a.correction)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
         else:  # nothing to learn from: the log-prob parity check still runs, on one group
@@ -350,6 +364,8 @@ def main() -> None:
     ap.add_argument("--train-layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--clip", type=float, default=0.2)
     ap.add_argument("--dual-clip", type=float, default=3.0, help="bound of the objective for negative advantages (x advantage)")
+    ap.add_argument("--correction", default="decoupled", choices=["decoupled", "ppo"],
+                    help="how the loss corrects stale samples (grpo_loss): decoupled PPO, or PPO's ratio to the behaviour policy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local HF directory")
     ap.add_argument("--modes", default="plain-sync,adaptive-sync,adaptive-async",
@@ -388,6 +404,7 @@ def main() -> None:
 
     summary = {"example": "grpo", "task": a.task, "steps": a.steps, "prompts": a.prompts, "group": a.group, "model": a.model,
                "max_new_tokens": a.max_new_tokens, "engine_dtype": a.engine_dtype, "max_staleness": a.max_staleness,
+               "correction": a.correction,
                "engine_cpus": sorted(engine_cpus) if engine_cpus else "shared",
                "trainer_cpus": sorted(os.sched_getaffinity(0))}
     for mode, (rows, evaluation) in results.items():

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grpo.py"
 
 
@@ -103,3 +105,33 @@ def test_the_rewards_and_micro_batches_of_the_example():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2048 for b in batches)
     assert [4] in batches and [1] in batches  # the long ones train alone
+
+
+def test_the_loss_corrects_stale_samples_without_dropping_their_gradient(tiny_dir):
+    """Stale tokens the policy has since made e times likelier, positive advantage: PPO's ratio to
+    the behaviour policy is past its clip, so they give no gradient; decoupled PPO weighs them
+    by that likelihood ratio (truncated at 2). On-policy both are the same update."""
+    from transformers import AutoModelForCausalLM
+
+    from efficientrollout.protocol import RolloutResult
+
+    grpo = load_example()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+
+    def sample(behaviour: list[float]) -> RolloutResult:
+        return RolloutResult(request_id="r", sample_index=0, policy_version=0, prompt_token_ids=[1, 5, 7],
+                             output_token_ids=[9, 11, 13], text="", logprobs=behaviour, finish_reason="stop")
+
+    [now] = grpo.grpo_loss(model, [sample([0.0] * 3)], [1.0], clip=0.2, backward=False)
+
+    def gradient(behaviour: list[float], correction: str) -> torch.Tensor:
+        model.zero_grad()
+        grpo.grpo_loss(model, [sample(behaviour)], [1.0], clip=0.2, correction=correction)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    on_policy = now.tolist()
+    assert torch.allclose(gradient(on_policy, "ppo"), gradient(on_policy, "decoupled"), atol=1e-7)
+    stale = (now - 1.0).tolist()  # the behaviour policy gave each token e^-1 of today's probability
+    assert gradient(stale, "ppo").abs().max() == 0.0
+    assert torch.allclose(gradient(stale, "decoupled"), 2.0 * gradient(on_policy, "decoupled"), rtol=1e-4, atol=1e-7)
