@@ -276,6 +276,14 @@ class Drafter:
         self.requantize_s = 0.0
         self.stale = False  # the target's weights changed since the last requantize()
 
+    def refresh_head(self) -> bool:
+        """Choose the drafter's vocabulary again where due (VocabHead.refresh); True if it changed,
+        and with it the head's tensors, so CUDA graphs holding the old ones are stale."""
+        if not self.head.refresh():
+            return False
+        self.decoder.graph_epoch += 1
+        return True
+
     def ensure_fresh(self) -> None:
         """Re-quantize if the target's weights changed: before any draft, never from old weights."""
         if self.stale:

@@ -200,8 +200,7 @@ class NativeEngine:
             running: list[Sequence] = []
             self.trace, self._wave_t0 = [], time.perf_counter()
             if self.drafter is not None:
-                if self.drafter.head.refresh():  # the drafter's vocabulary, from the tokens emitted so far
-                    self.drafter.decoder.graph_epoch += 1
+                self.drafter.refresh_head()  # the drafter's vocabulary, from the tokens emitted so far
             self.gate.start_wave()
             while (waiting or running) and not self._abort and not (stop is not None and stop()):
                 if waiting and len(running) < self.config.max_batch_size:

@@ -138,7 +138,7 @@ class StepGraphs:
         g.positions[:b].copy_(positions)
         if b < B:  # rows of a larger batch may remain from the last replay
             g.tokens[b:].zero_()
-            g.positions[b:].copy_(g.pad[: B - b])
+            g.positions[b:].copy_(g.pad)
         if g.graph is not None:
             g.graph.replay()
         else:
@@ -156,10 +156,10 @@ class StepGraphs:
         g.logits = flat[: B * T * V].view(B, T, V)
         g.epoch, g.graph = decoder.graph_epoch, None
         g.tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
-        g.pad = torch.arange(T, device=dev).expand(B, T).contiguous()
+        g.pad = torch.arange(T, device=dev)  # a padding row's positions
         # Until the first real step: positions S-T..S-1, at or past every running row's current
         # position (a step's keys end at kv_len <= S), which a step writes before any query reads.
-        g.positions = S - T + g.pad
+        g.positions = (S - T + g.pad).repeat(B, 1)
         g.forward = lambda: g.logits.copy_(decoder.lm_head(decoder(g.tokens, g.positions, cache, kv_len=S)))
         if not self.capture:
             return g
