@@ -1,11 +1,11 @@
 """Which kernel should the drafter's linears use on this device? One layer's linears, every
 candidate, 1-64 rows, side by side.
 
-Candidates: the target's own linear (bf16, or fp32 with --dtype float32), torchao's int8
-weight-only tensor (`Int8Tensor`, what the CUDA drafter uses today), ATen's
-`_weight_int8pack_mm` (int8 weights, a per-row scale; fused on CPUs with AVX512 and, in recent
-PyTorch, on CUDA), and int4 (torchao's tinygemm layout on CUDA, ATen's int4pack on AVX512
-CPUs). On CUDA each cell is a CUDA graph of --calls calls (launch costs out, as in a captured
+Candidates: the target's own linear (the engine's `Linear`; bf16, or fp32 with --dtype
+float32), the drafter's linears as `QuantLinear` runs them: torchao's int8 weight-only tensor
+(`Int8Tensor`, what the CUDA drafter uses today) and int4 (torchao's tinygemm layout on CUDA,
+int4pack on AVX512 CPUs), and ATen's `_weight_int8pack_mm` over the same int8 weights (fused on
+CPUs with AVX512 and, in recent PyTorch, on CUDA). On CUDA each cell is a CUDA graph of --calls calls (launch costs out, as in a captured
 engine step), timed with CUDA events; on CPUs, wall time. The H100 run of bench_step showed the
 int8 drafter at 1.7-2.2x the bf16 target (torchao converts the whole int8 weight to bf16 on
 every call), so this says what to use instead. Default shapes: Llama-3-8B's q/o, gate/up and
@@ -20,24 +20,24 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+
+from efficientrollout.models.decoder import Linear
+from efficientrollout.speculation.drafter import QuantLinear
 
 
 def candidates(w: torch.Tensor, group: int) -> dict:
-    from torchao.quantization import Int4TilePackedTo4dTensor, Int8Tensor, PerRow
-    from torchao.quantization.utils import groupwise_affine_quantize_tensor
-
-    q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
-    qdata, scale = q.qdata.contiguous(), q.scale.reshape(-1).to(w.dtype).contiguous()
-    out = {"target": lambda x: F.linear(x, w), "torchao_int8": (lambda t: lambda x: F.linear(x, t))(Int8Tensor.from_hp(w, granularity=PerRow())),
-           "int8pack": lambda x: torch._weight_int8pack_mm(x, qdata, scale)}
-    if w.is_cuda:
-        t4 = Int4TilePackedTo4dTensor.from_hp(w.bfloat16(), [1, group])
-        out["int4_tinygemm"] = lambda x: F.linear(x.bfloat16(), t4)
-    elif torch.cpu._is_avx512_supported():
-        qd, sz = groupwise_affine_quantize_tensor(w.bfloat16(), 4, group, torch.bfloat16)
-        packed = torch._convert_weight_to_int4pack_for_cpu(qd, 1)
-        out["int4pack"] = lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, group, sz)
+    """The target's linear and the drafter's int8 (torchao) and int4 linears, as the engine runs
+    them on this device, and ATen's `_weight_int8pack_mm` over the same int8 weights (QuantLinear
+    calls it only for a few rows on CPUs)."""
+    target = Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        target.weight.copy_(w)
+    target.pack()
+    int8 = QuantLinear(target, "torchao")
+    qdata, scale = int8.weight.qdata.contiguous(), int8.weight.scale.reshape(-1).to(w.dtype).contiguous()
+    out = {"target": target, "torchao_int8": int8, "int8pack": lambda x: torch._weight_int8pack_mm(x, qdata, scale)}
+    if w.is_cuda or torch.cpu._is_avx512_supported():
+        out["int4_tinygemm" if w.is_cuda else "int4pack"] = QuantLinear(target, "int4" if w.is_cuda else "int4pack", group)
     return out
 
 
