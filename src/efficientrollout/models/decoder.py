@@ -21,10 +21,11 @@ from .config import ModelConfig
 
 
 # SDPA's cuDNN backend (PyTorch's first choice for bf16 on Hopper) builds a cuDNN graph for every
-# new shape, and a decode step's shape is new every step (kv_len grows; batch sizes change). On
-# an H100 (torch 2.11) a bf16 engine step of a SmolLM2-shaped model cost 50-63 ms where fp32,
-# which never takes cuDNN, cost 18-24 ms, and an 8B-layer-shaped one the same ~50 ms extra: one
-# graph build per step. The other backends have no per-shape set-up.
+# new shape: on an H100 (torch 2.11), when decode steps still used SDPA, a bf16 engine step of a
+# SmolLM2-shaped model cost 50-63 ms where fp32, which never takes cuDNN, cost 18-24 ms: one
+# graph build per step. Decode and verify no longer use SDPA on CUDA (`cached_attention`), but
+# prefill does, and a wave's prompt lengths are new shapes too. The other backends have no
+# per-shape set-up.
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -33,6 +34,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     if x.device.type == "cpu" and (kernels := cpu_ops()) is not None:  # one kernel, bit-identical to below
         return kernels.rms_norm(x, weight, eps)
+    if x.is_cuda:  # the same order in 4 kernels instead of 8 (CUDA-graph step 2-6% faster, H200)
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
     # Reference op order for low precision: normalise in fp32, cast back, then scale.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -53,7 +56,10 @@ def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> T
     Why not SDPA: on CPUs in bf16, `scaled_dot_product_attention` with a mask over the cache
     costs 0.17 ms per layer at batch 4, 0.67 ms at 16 and 2.7 ms at 64 (one query each, 100
     keys; measured on a 2-core AVX512-BF16 CPU), most of a batch-64 step; these matmuls take
-    0.06, 0.09 and 0.19 ms. Scores are softmaxed in fp32.
+    0.06, 0.09 and 0.19 ms. On CUDA, SDPA with a mask and GQA copies the keys and values
+    (~160 copy kernels per step): on an H200, CUDA-graph steps of a bf16 model with Llama-3-8B's
+    layers took 1.3x (1 row, 512 keys) to 3.3x (16 rows, 2000 keys) as long as with these
+    matmuls (docs/profile_h200_llama8b_8layers_attention.txt). Scores are softmaxed in fp32.
     q [b, H, T, D]; keys, values [b, Hkv, S, D]; mask [b, 1, T, S] (True: visible) → [b, H, T, D]."""
     b, H, T, D = q.shape
     Hkv, S = keys.shape[1], keys.shape[2]
@@ -176,9 +182,9 @@ class Layer(nn.Module):
             # Decode / verify: rows are cache slots 0..b-1, attend the cache up to kv_len.
             keys = k_cache[:b, : ctx.kv_len].transpose(1, 2)  # [b, Hkv, S, D]
             values = v_cache[:b, : ctx.kv_len].transpose(1, 2)
-            if b > 1 and x.device.type == "cpu" and x.dtype != torch.float32:
+            if x.is_cuda or (b > 1 and x.dtype != torch.float32):
                 attn = cached_attention(q.transpose(1, 2), keys, values, ctx.mask)
-            else:  # fp32 and single rows: SDPA is as fast or faster
+            else:  # fp32 and single rows on CPUs: SDPA is as fast or faster
                 attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=ctx.mask, enable_gqa=True)
             attn = attn.transpose(1, 2)
         x = x + self.o(attn.reshape(b, T, cfg.q_size))

@@ -10,7 +10,9 @@ streamed its weights at a third of the card's bandwidth. `StepGraphs` replays ea
 draft and verify forward as one graph: one per (decoder, rows padded to a power of two, width,
 key length padded to a power of two), captured on first use. Padding is free of side effects
 because the rows past the running ones are free cache slots, and keys past a row's position are
-masked. Unmeasured on a GPU so far (no GPU since it was written): off by default.
+masked. Measured (H100, random model with Llama-3-8B's layers, 8 of them, bf16): a 1-row step
+2.9x faster than eager, 4 rows 1.6x; at 16-64 rows with 513 keys it was slower, since keys are
+padded to 1024 and attention (then SDPA) was most of those steps. Off by default.
 """
 
 from __future__ import annotations
