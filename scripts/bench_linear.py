@@ -4,8 +4,10 @@ candidate, 1-64 rows, side by side.
 Candidates: the target's own linear (the engine's `Linear`; bf16, or fp32 with --dtype
 float32), the drafter's linears as `QuantLinear` runs them: torchao's int8 weight-only tensor
 (`Int8Tensor`, what the CUDA drafter uses today) and int4 (torchao's tinygemm layout on CUDA,
-int4pack on AVX512 CPUs), and ATen's `_weight_int8pack_mm` over the same int8 weights (fused on
-CPUs with AVX512 and, in recent PyTorch, on CUDA). On CUDA each cell is a CUDA graph of --calls calls (launch costs out, as in a captured
+int4pack on AVX512 CPUs), ATen's `_weight_int8pack_mm` over the same int8 weights (fused on
+CPUs with AVX512 and, in recent PyTorch, on CUDA), and the 8-bit weight-and-activation kernels
+(`w8a8`: int8 `_int_mm`; `fp8`: e4m3 `_scaled_mm` with row-wise scales; activations quantized
+per row on the fly). On CUDA each cell is a CUDA graph of --calls calls (launch costs out, as in a captured
 engine step), timed with CUDA events; on CPUs, wall time. The H100 run of bench_step showed the
 int8 drafter at 1.7-2.2x the bf16 target (torchao converts the whole int8 weight to bf16 on
 every call), so this says what to use instead. Default shapes: Llama-3-8B's q/o, gate/up and
@@ -35,7 +37,10 @@ def candidates(w: torch.Tensor, group: int) -> dict:
     target.pack()
     int8 = QuantLinear(target, "torchao")
     qdata, scale = int8.weight.qdata.contiguous(), int8.weight.scale.reshape(-1).to(w.dtype).contiguous()
-    out = {"target": target, "torchao_int8": int8, "int8pack": lambda x: torch._weight_int8pack_mm(x, qdata, scale)}
+    out = {"target": target, "torchao_int8": int8, "int8pack": lambda x: torch._weight_int8pack_mm(x, qdata, scale),
+           "w8a8": QuantLinear(target, "w8a8")}
+    if w.is_cuda:
+        out["fp8"] = QuantLinear(target, "fp8")
     if w.is_cuda or torch.cpu._is_avx512_supported():
         out["int4_tinygemm" if w.is_cuda else "int4pack"] = QuantLinear(target, "int4" if w.is_cuda else "int4pack", group)
     return out
@@ -43,9 +48,14 @@ def candidates(w: torch.Tensor, group: int) -> dict:
 
 def time_ms(fn, x: torch.Tensor, calls: int, repeats: int) -> float | None:
     try:
-        fn(x)
-    except (RuntimeError, NotImplementedError):  # e.g. no kernel for this device or dtype
+        return _time_ms(fn, x, calls, repeats)
+    except (RuntimeError, NotImplementedError) as e:  # e.g. no kernel for this device or dtype, or not capturable
+        print(f"{getattr(fn, 'kernel', fn)}: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return None
+
+
+def _time_ms(fn, x: torch.Tensor, calls: int, repeats: int) -> float:
+    fn(x)
     if not x.is_cuda:
         times = []
         for _ in range(repeats):

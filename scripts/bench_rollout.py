@@ -26,6 +26,7 @@ from efficientrollout.pipeline.timeline import plot_timeline
 from efficientrollout.pipeline.workloads import PROMPTS, wave_requests
 from efficientrollout.protocol import RolloutRequest, SamplingParams
 from efficientrollout.speculation import SpeculationConfig, SpeculationGate
+from efficientrollout.speculation.gate import DRAFTER_KERNELS
 
 def use_mode(engine: NativeEngine, probed: SpeculationGate | None, **spec) -> None:
     """Switch the engine's speculation mode; with `probed`, restart from those cost tables,
@@ -36,6 +37,7 @@ def use_mode(engine: NativeEngine, probed: SpeculationGate | None, **spec) -> No
 
 
 def run_wave(engine: NativeEngine, requests) -> dict:
+    captures = engine.runner.captures
     t0 = time.perf_counter()
     results = engine.generate(requests)
     wall = time.perf_counter() - t0
@@ -46,7 +48,7 @@ def run_wave(engine: NativeEngine, requests) -> dict:
     drafted = sum(s.drafted for s in trace)
     spec_steps = [s for s in trace if s.k > 0]
     return {
-        "wall_s": round(wall, 2), "tokens": tokens, "tok_s": round(tokens / wall, 1), "steps": len(trace),
+        "wall_s": round(wall, 2), "graph_captures": engine.runner.captures - captures, "tokens": tokens, "tok_s": round(tokens / wall, 1), "steps": len(trace),
         "acceptance": round(sum(s.accepted for s in trace) / drafted, 3) if drafted else None,
         "frac_steps_speculated": round(len(spec_steps) / max(len(trace), 1), 3),
         "mean_k": round(float(np.mean([s.k for s in trace])), 2) if trace else 0.0,
@@ -76,6 +78,7 @@ def main() -> None:
     ap.add_argument("--png", default="out/rollout_timeline.png")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--drafter", default="int8", choices=["int8", "int4"])
+    ap.add_argument("--drafter-kernel", default="auto", choices=["auto", *DRAFTER_KERNELS])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay steps from CUDA graphs (EngineConfig.cuda_graphs)")
@@ -85,7 +88,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs, max_batch_size=64, max_seq_len=a.max_len + 128,
-                                       speculation=SpeculationConfig(drafter=a.drafter)))
+                                       speculation=SpeculationConfig(drafter=a.drafter, drafter_kernel=a.drafter_kernel)))
     init_s = time.perf_counter() - t0
     probed = copy.deepcopy(engine.gate)
     requant_s = min(engine.drafter.requantize() for _ in range(3))

@@ -4,7 +4,7 @@ over K+1 positions, at a few batch sizes and context lengths, in one process.
 Each cell is the median of --repeats interleaved timings (target, drafter, verifies in turn, so
 the machine's swings hit all of them alike); ratios are to the target step of the same batch and
 context. `--drafters int8,int4` times one drafter step per kind (int4 needs CUDA or an AVX512
-CPU). On a GPU, pair it with `scripts/make_random_checkpoint.py` for memory-bound layer shapes.
+CPU); kernel names (`--drafters int8pack,fp8`) time those kernels. On a GPU, pair it with `scripts/make_random_checkpoint.py` for memory-bound layer shapes.
 Prints one JSON line last.
 """
 
@@ -21,6 +21,7 @@ from tqdm import tqdm
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.speculation import Drafter, SpeculationConfig
 from efficientrollout.speculation.drafter import pick_kernel
+from efficientrollout.speculation.gate import DRAFTER_KERNELS
 
 
 def main() -> None:
@@ -33,14 +34,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay steps from CUDA graphs (EngineConfig.cuda_graphs)")
-    ap.add_argument("--drafters", default="int8", help="comma list of int8, int4")
+    ap.add_argument("--drafters", default="int8", help="comma list of int8, int4 (this device's default kernels) or kernel names: "
+                    + ", ".join(DRAFTER_KERNELS))
     a = ap.parse_args()
     batches, contexts, ks = ([int(x) for x in s.split(",")] for s in (a.batches, a.contexts, a.ks))
     torch.set_grad_enabled(False)
     engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs, max_batch_size=max(batches),
                                        max_seq_len=max(contexts) + max(ks) + 2, speculation=SpeculationConfig(mode="plain")))
     runner = engine.runner
-    drafters = {kind: Drafter(runner.decoder, kernel=pick_kernel(engine.device, bits=4 if kind == "int4" else 8, dtype=engine.torch_dtype))
+    drafters = {kind: Drafter(runner.decoder, kernel=pick_kernel(engine.device, bits=4 if kind == "int4" else 8, dtype=engine.torch_dtype,
+                                                                 override="auto" if kind in ("int8", "int4") else kind))
                 for kind in a.drafters.split(",")}
 
     def forward(b: int, ctx: int, width: int, decoder=None):

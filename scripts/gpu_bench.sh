@@ -25,7 +25,7 @@ for graphs in "" "--cuda-graphs"; do
   tag=${graphs:+graphs}; tag=${tag:-eager}
   echo "== bench_step, $tag"
   timeout 180 "$PY" scripts/bench_step.py --model "$MODEL" --dtype bfloat16 --batches 1,4,16,64 --contexts 512,2048 \
-    --drafters int8,int4 $graphs > "$OUT/step_$tag.log" 2>&1; last "$OUT/step_$tag.log" 600
+    --drafters torchao,fp8,int4 $graphs > "$OUT/step_$tag.log" 2>&1; last "$OUT/step_$tag.log" 600
   echo "== bench_rollout, $tag"
   timeout 300 "$PY" scripts/bench_rollout.py --model "$MODEL" --dtype bfloat16 --drafter int4 --repeats 1 \
     --sweep-batches 1,16 --sweep-repeats 2 --sweep-candidates 2 --sweep-k 6 --png "$OUT/rollout_$tag.png" $graphs \

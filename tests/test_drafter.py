@@ -10,7 +10,7 @@ from efficientrollout.models.decoder import GEMV_MAX_ROWS, Linear
 from efficientrollout.speculation.drafter import PACKED_MAX_ROWS, Drafter, QuantLinear, pick_kernel
 
 AVX512 = torch.cpu._is_avx512_supported()
-KERNELS = ["torchao"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []) + (
+KERNELS = ["torchao", "w8a8"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []) + (
     ["int8pack", "int4pack"] if AVX512 else [])
 
 
@@ -71,16 +71,20 @@ def test_drafter_shares_all_but_linears_and_follows_live_weights(tiny_engine):
         decoder.pack_weights()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the int4 drafter needs CUDA (torchao's tinygemm layout)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_int4_drafter_approximates_the_target_linear_on_cuda(dtype):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernels need CUDA")
+@pytest.mark.parametrize("kernel", ["int4", "torchao", "int8pack", "w8a8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_kernels_approximate_the_target_linear(kernel, dtype):
+    """1, 5 and 40 rows: the 8-bit tensor-core kernels pad few rows to what cuBLAS takes."""
     torch.manual_seed(0)
-    target = Linear(576, 192, bias=False).to("cuda", dtype)
-    x = torch.randn(4, 3, 576, device="cuda", dtype=dtype)
-    exact = target(x).float()
-    approx = QuantLinear(target, pick_kernel(torch.device("cuda"), bits=4), group_size=64)(x).float()
-    rel = (approx - exact).norm() / exact.norm()
-    assert 0 < rel < 0.15, rel
+    target = Linear(576, 200, bias=True).to("cuda", dtype)  # 200 rows: fp8 pads them to a multiple of 16
+    q = QuantLinear(target, kernel, group_size=64)
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 576, device="cuda", dtype=dtype)
+        exact, approx = target(x).float(), q(x)
+        assert approx.shape == exact.shape and approx.dtype == dtype
+        rel = (approx.float() - exact).norm() / exact.norm()
+        assert 0 < rel < (0.15 if kernel == "int4" else 0.05), (rows, rel)
 
 
 def test_the_int8_kernel_follows_the_targets_dtype():
@@ -91,6 +95,11 @@ def test_the_int8_kernel_follows_the_targets_dtype():
         assert pick_kernel(cpu, dtype=torch.float32) == "fbgemm"
     if AVX512:
         assert pick_kernel(cpu, dtype=torch.bfloat16) == "int8pack"
+
+
+def test_fp8_needs_a_gpu():
+    with pytest.raises(ValueError, match="fp8 drafter needs a CUDA GPU"):
+        QuantLinear(Linear(64, 32, bias=False), "fp8")
 
 
 def test_int4_needs_a_fast_kernel_and_a_dividing_group_size():

@@ -78,7 +78,7 @@ def _run(engine: NativeEngine, prompts: list[str], a: argparse.Namespace, chat: 
     drafted = sum(s.drafted for s in trace)
     if drafted:
         spec = [s for s in trace if s.k > 0]
-        print(f"speculation ({engine.config.speculation.mode}, {engine.drafter.kernel} int8 self-drafter): "
+        print(f"speculation ({engine.config.speculation.mode}, {engine.drafter.kernel} self-drafter): "
               f"{len(spec)}/{len(trace)} steps speculated, mean K {sum(s.k for s in spec) / len(spec):.1f}, "
               f"acceptance {sum(s.accepted for s in trace) / drafted:.2f}")
 

@@ -10,7 +10,7 @@ picks the fastest int8 kernel the device has (measured on the 2-core AVX2 dev CP
 linears of SmolLM2 vs the fp32 oneDNN target): FBGEMM's int8 GEMM (activations quantized per
 call) at 0.20-0.47x the target's time for 1-64 rows, where ATen's `_weight_int8pack_mm` was
 1.8-41x *slower* than fp32 (it is only fast with AVX512). On AVX512 CPUs: `_weight_int8pack_mm`;
-on CUDA: torchao's Int8Tensor itself.
+on CUDA: torchao's Int8Tensor itself (see `pick_kernel` for what GPUs measured).
 
 int4 (group-wise, asymmetric, torchao's `groupwise_affine_quantize_tensor`): on CUDA in torchao's
 tinygemm tile-packed layout; on AVX512 CPUs packed for ATen's `_weight_int4pack_mm_for_cpu`.
@@ -37,14 +37,23 @@ from ..kernels import cpu_ops, gemv_ops
 from ..models.decoder import GEMV_MAX_ROWS, Decoder, Linear
 
 
-PACKED_MAX_ROWS = {"int8pack": 4, "int4pack": 8}  # beyond this, FBGEMM is faster (measured above)
+PACKED_MAX_ROWS = {"int8pack": 4, "int4pack": 8}  # on CPUs, beyond this FBGEMM is faster (measured above)
+FP8_MAX = 448.0  # the largest float8_e4m3fn
 
 
-def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.bfloat16) -> str:
+def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.bfloat16, override: str = "auto") -> str:
     """The int8 (or int4) kernel for a drafter of a `dtype` target on `device`. `int8pack` is
     fast for bf16 activations only (our int8 GEMV); an fp32 target on an AVX512 CPU drafts with
     FBGEMM instead (measured, SmolLM2 fp32 on one core: FBGEMM 0.33 / 0.36 / 0.44 of the target's
-    step at batch 1 / 4 / 8, `_weight_int8pack_mm` with fp32 activations 2.9 / 8.7x slower)."""
+    step at batch 1 / 4 / 8, `_weight_int8pack_mm` with fp32 activations 2.9 / 8.7x slower).
+    On GPUs no 8-bit kernel beat the bf16 target (H100/H200, CUDA graphs, Llama-3-8B layer
+    shapes, 1-64 rows; bench_step): torchao's int8 weight-only tensor (the default here) cost
+    1.1-4.0x its step (it widens the weight to bf16 on every call), ATen's CUDA
+    `_weight_int8pack_mm` 4.9-9.4x, fp8 (`drafter_kernel="fp8"`: e4m3 weights and activations,
+    row-wise scales) 1.0-1.4x, and fp8 drafts of a tiny random model were accepted less often
+    (greedy, K=4: 0.37-0.45 where int8's passed 0.6). On GPUs draft with int4."""
+    if override != "auto":
+        return override
     if bits == 4:
         if device.type == "cuda":
             return "int4"
@@ -67,6 +76,9 @@ class QuantLinear(nn.Module):
         self._source = (source,)  # a tuple: not registered as a submodule, never quantized twice
         self.kernel = kernel
         self.group_size = group_size
+        if kernel == "fp8" and (source.weight.device.type != "cuda" or source.in_features % 16):
+            raise ValueError("the fp8 drafter needs a CUDA GPU (a row-wise scaled fp8 GEMM) and layer widths divisible by 16")
+        self.out_features = source.weight.shape[0]
         if kernel == "int4" and source.in_features % group_size:
             raise ValueError(f"int4 group size {group_size} does not divide the layer width {source.in_features}")
         self.requantize()
@@ -84,7 +96,8 @@ class QuantLinear(nn.Module):
         q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
         scale = q.scale.reshape(-1).float()
         self.wide = None  # the packed CPU kernels' FBGEMM copy for batches beyond their range
-        if self.kernel == "fbgemm" or (self.kernel in PACKED_MAX_ROWS and "fbgemm" in torch.backends.quantized.supported_engines):
+        on_cpu = w.device.type == "cpu"
+        if self.kernel == "fbgemm" or (on_cpu and self.kernel in PACKED_MAX_ROWS and "fbgemm" in torch.backends.quantized.supported_engines):
             qt = torch._make_per_channel_quantized_tensor(
                 q.qdata.contiguous(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
             )
@@ -95,6 +108,13 @@ class QuantLinear(nn.Module):
             self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
             if gemv_ops(w) is not None:  # our int8 kernel: int8 weight, fp32 scale per row
                 self.gemv = [self.weight[0], scale.contiguous()]
+        elif self.kernel == "w8a8":
+            self.weight = (q.qdata.contiguous(), scale[None])
+        elif self.kernel == "fp8":
+            fp8_scale = w.float().abs().amax(1).clamp(min=1e-12) / FP8_MAX  # [N]
+            wq = (w.float() / fp8_scale[:, None]).to(torch.float8_e4m3fn)
+            pad = -w.shape[0] % 16  # cuBLAS wants N % 16 == 0 (a drafter vocabulary head may not be): zero rows
+            self.weight = (F.pad(wq.view(torch.int8), (0, 0, 0, pad)).view(wq.dtype), F.pad(fp8_scale, (0, pad), value=1.0)[None])
         elif self.kernel == "int4":
             from torchao.quantization import Int4TilePackedTo4dTensor
 
@@ -114,11 +134,15 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.kernel == "fbgemm":
             return _fbgemm_linear(x, self.weight)
+        if self.kernel in ("w8a8", "fp8"):
+            lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
+            y = _dynamic_mm(rows, *self.weight, self.kernel)[:, : self.out_features].view(*lead, -1)
+            return y if self.bias is None else y + self.bias
         if self.kernel in PACKED_MAX_ROWS:
             lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
             if self.kernel == "int8pack" and self.gemv is not None and rows.shape[0] <= GEMV_MAX_ROWS:
                 return cpu_ops().int8_gemv(rows, *self.gemv, self.bias).view(*lead, -1)
-            if rows.shape[0] > PACKED_MAX_ROWS[self.kernel]:
+            if rows.shape[0] > PACKED_MAX_ROWS[self.kernel] and x.device.type == "cpu":
                 return self._source[0](x) if self.wide is None else _fbgemm_linear(x, self.wide)
             if self.kernel == "int8pack":
                 y = torch._weight_int8pack_mm(rows.contiguous(), *self.weight)
@@ -162,6 +186,25 @@ def _copy_into(dst, src) -> bool:
         return False
     dst.copy_(src)
     return True
+
+
+def _dynamic_mm(x: Tensor, w: Tensor, w_scale: Tensor, kernel: str) -> Tensor:
+    """x [M, K] @ w [N, K].T with x quantized per row on the fly (int8 or fp8 e4m3) and both
+    scales applied to the result: 8-bit weights *and* 8-bit tensor-core math, where weight-only
+    kernels widen the weights to bf16. cuBLAS wants at least 17 rows (int8) or a multiple of 16
+    (fp8): few rows are padded with zeros, which costs little beside reading the weights."""
+    m, qmax = x.shape[0], 127.0 if kernel == "w8a8" else FP8_MAX
+    x_scale = x.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / qmax  # [M, 1]
+    xq = x.float() / x_scale
+    xq = xq.round().clamp(-qmax, qmax).to(torch.int8) if kernel == "w8a8" else xq.to(torch.float8_e4m3fn)
+    if x.is_cuda:
+        pad = max(32 - m, 0) if kernel == "w8a8" else -m % 16
+        xq, x_scale = F.pad(xq.view(torch.int8), (0, 0, 0, pad)).view(xq.dtype), F.pad(x_scale, (0, 0, 0, pad), value=1.0)
+    if kernel == "w8a8":
+        y = torch._int_mm(xq, w.t()) * x_scale * w_scale
+    else:
+        y = torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)  # row-wise scales: bf16 out only
+    return y[:m].to(x.dtype)
 
 
 def _fbgemm_linear(x: Tensor, packed) -> Tensor:

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from ..options import option
 
 MODES = ("plain", "always", "toggle-ladder", "adaptive")
+# The drafter's linear kernels (QuantLinear): 8-bit weight-only (torchao, ATen int8pack), 8-bit
+# weights and activations (FBGEMM on CPUs; w8a8 int8 and fp8 tensor-core GEMMs), 4-bit weight-only.
+DRAFTER_KERNELS = ("torchao", "int8pack", "fbgemm", "w8a8", "fp8", "int4", "int4pack")
 
 
 @dataclass(slots=True)
@@ -30,6 +33,8 @@ class SpeculationConfig:
     k_max: int = option(8, "adaptive chooses K in 0..k_max per step")
     drafter: str = option("int8", "int8 (torchao, per channel) | int4 (group-wise; CUDA and AVX512 CPUs) | exact (unquantized: tests)",
                           choices=("int8", "int4", "exact"))
+    drafter_kernel: str = option("auto", "the drafter's linear kernel: auto (the fastest measured on this device for --drafter) | "
+                                 + " | ".join(DRAFTER_KERNELS) + " (overrides --drafter)", choices=("auto", *DRAFTER_KERNELS))
     int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
     draft_vocab: int = option(0, "N > 0: the drafter's LM head keeps the N tokens finished rollouts emitted most, once it "
                               "has seen N; lossless, and pays off for greedy decoding only (see VocabHead)")
@@ -47,6 +52,8 @@ class SpeculationConfig:
             raise ValueError(f"speculation mode must be one of {MODES}, got {self.mode!r}")
         if self.drafter not in ("int8", "int4", "exact"):
             raise ValueError(f"drafter must be int8, int4 or exact, got {self.drafter!r}")
+        if self.drafter_kernel not in ("auto", *DRAFTER_KERNELS):
+            raise ValueError(f"drafter_kernel must be auto or one of {DRAFTER_KERNELS}, got {self.drafter_kernel!r}")
         if not 1 <= self.k <= 32 or not 1 <= self.k_max <= 32:
             raise ValueError("k and k_max must be in 1..32")
         if self.draft_vocab < 0:

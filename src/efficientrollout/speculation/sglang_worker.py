@@ -37,7 +37,8 @@ Server flags: `--speculative-algorithm EFFICIENTROLLOUT [--speculative-num-steps
 default); the worker always runs SGLang's non-overlap scheduler. Environment of the server:
 `EFFICIENTROLLOUT_SPECULATION` = adaptive (default) | plain | always (with
 `EFFICIENTROLLOUT_SPECULATION_K`, default 4); `EFFICIENTROLLOUT_DRAFTER` = int8 (default) | int4
-| exact; `EFFICIENTROLLOUT_SGLANG_TRACE` = a file that
+| exact; `EFFICIENTROLLOUT_DRAFTER_KERNEL` = auto (default) or one of `DRAFTER_KERNELS`;
+`EFFICIENTROLLOUT_SGLANG_TRACE` = a file that
 gets one JSON line per decode step (time, batch, K, accepted, seconds, of which drafting) and
 one per finished request (its id and how many tokens were drafted for it: SGLang's own
 `spec_num_proposed_drafts` assumes K_max drafts per verify).
@@ -137,9 +138,10 @@ class _Source:
 
 def _kernel(device, dtype) -> str:
     """EFFICIENTROLLOUT_DRAFTER: int8 (default, torchao per channel) | int4 (group-wise, where a
-    fast kernel exists) | exact (the weights themselves: tests)."""
-    drafter = os.environ.get("EFFICIENTROLLOUT_DRAFTER", "int8")
-    return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8, dtype)
+    fast kernel exists) | exact (the weights themselves: tests); EFFICIENTROLLOUT_DRAFTER_KERNEL
+    overrides the kernel."""
+    drafter, kernel = os.environ.get("EFFICIENTROLLOUT_DRAFTER", "int8"), os.environ.get("EFFICIENTROLLOUT_DRAFTER_KERNEL", "auto")
+    return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8, dtype, override=kernel)
 
 
 def _graphs_wanted() -> bool:

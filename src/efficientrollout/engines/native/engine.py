@@ -104,7 +104,8 @@ class NativeEngine:
         self.trace: list[StepRecord] = []  # the last wave's steps
         if config.speculation.mode != "plain":
             spec = config.speculation
-            kernel = "none" if spec.drafter == "exact" else pick_kernel(self.device, bits=4 if spec.drafter == "int4" else 8, dtype=self.torch_dtype)
+            kernel = "none" if spec.drafter == "exact" else pick_kernel(self.device, bits=4 if spec.drafter == "int4" else 8, dtype=self.torch_dtype,
+                                                                        override=spec.drafter_kernel)
             self.drafter = Drafter(self.decoder, kernel=kernel, group_size=spec.int4_group_size, vocab=0 if spec.drafter == "exact" else spec.draft_vocab)
             if config.speculation.probe:
                 self.probe()

@@ -109,7 +109,7 @@ class SGLangEngine:
         if self.sglang.sglang_speculation == "efficientrollout":  # read by our worker inside SGLang
             spec = self.config.speculation
             env |= {"EFFICIENTROLLOUT_SPECULATION": spec.mode, "EFFICIENTROLLOUT_SPECULATION_K": str(spec.k),
-                    "EFFICIENTROLLOUT_DRAFTER": spec.drafter, "EFFICIENTROLLOUT_SGLANG_TRACE": str(self._steps.path)}
+                    "EFFICIENTROLLOUT_DRAFTER": spec.drafter, "EFFICIENTROLLOUT_DRAFTER_KERNEL": spec.drafter_kernel, "EFFICIENTROLLOUT_SGLANG_TRACE": str(self._steps.path)}
         return env
 
     def close(self) -> None:
