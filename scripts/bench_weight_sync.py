@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -46,14 +47,15 @@ def main() -> None:
     ap.add_argument("--speculation", default="adaptive")
     ap.add_argument("--transport-dtypes", default="float32,auto",
                     help="compared in one run; auto: the engines' dtype (bf16 where the CPU has native bf16)")
+    ap.add_argument("--dtype", default="auto", help="the engines' dtype (auto: bf16 where the CPU has native bf16, else fp32)")
     ap.add_argument("--shard-mb", type=float, default=None, help="publish in shards of this size (default: the publisher's, 1 GiB)")
     a = ap.parse_args()
     base = read_state_dict(resolve_model(a.model))
     size_mb = sum(t.numel() * t.element_size() for t in base.values()) / 1e6
-    engines_dtype = resolve_dtype("auto", torch.device("cpu"))
+    engines_dtype = resolve_dtype(a.dtype, torch.device("cpu"))
     transports = [engines_dtype if d == "auto" else getattr(torch, d) for d in a.transport_dtypes.split(",")]
     rows = []
-    with Fleet(a.engines, engine_args=["--model", a.model, "--speculation", a.speculation]) as fleet:
+    with Fleet(a.engines, engine_args=["--model", a.model, "--speculation", a.speculation, "--dtype", a.dtype]) as fleet:
         urls = [e.metrics for e in fleet.status()["engines"]]
         for step in range(a.rounds):
             for dtype in transports:  # interleaved: this machine's speed drifts between minutes
@@ -81,7 +83,8 @@ def main() -> None:
         by.setdefault(r["transport"], []).append(r)
     print(json.dumps({
         "bench": "weight_sync", "engines": a.engines, "model": a.model, "weights_mb": round(size_mb, 1),
-        "speculation": a.speculation, "engines_dtype": str(engines_dtype).removeprefix("torch."), "rounds": rows,
+        "speculation": a.speculation, "engines_dtype": str(engines_dtype).removeprefix("torch."),
+        "cpu_isa_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}, "rounds": rows,
         "median_by_transport": {t: {k: statistics.median(r[k] for r in rs) for k in ("publish_s", "after_publish_returned_s", "all_serving_s")}
                                 for t, rs in by.items()},
         "target_s": 3.0}))
