@@ -135,6 +135,18 @@ def test_f32_streamed_linear_matches_f_linear(rows):
         OPS.f32_gemv(torch.randn(13, 96), w, None)
 
 
+@pytest.mark.skipif(OPS is None or not OPS.f32_gemv_available(), reason="the fp32 streamed linear needs AVX2 and FMA")
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 12])
+def test_int8_weights_with_fp32_activations_match_the_dequantized_linear(rows):
+    """An fp32 target's int8 drafter on CPUs without AVX512-BF16: int8 weights, a scale per
+    output row, activations kept in fp32."""
+    torch.manual_seed(rows)
+    x, q = torch.randn(rows, 96), torch.randint(-127, 128, (200, 96), dtype=torch.int8)
+    scale, bias = torch.rand(200) / 100, torch.randn(200)
+    for b in (None, bias):
+        torch.testing.assert_close(OPS.int8_f32_gemv(x, q, scale, b), F.linear(x, q.float() * scale[:, None], b), atol=1e-4, rtol=1e-4)
+
+
 def test_a_built_kernel_loads_past_a_build_lock_left_by_a_killed_process(tmp_path):
     """An engine killed while compiling leaves torch's build lock behind; every later engine
     used to wait on it forever. A finished build loads without taking the lock."""

@@ -24,15 +24,22 @@ namespace {
 
 constexpr int64_t kMaxRows = 12;
 
-// Output rows n0..n1-1 of y = x . w (+ bias) for `used` <= M input rows, R weight rows at a
-// time: R*M independent accumulation chains hide the FMA latency.
-template <int M>
-void rows_f32(const float* xp, const float* wp, const float* bp, float* yp, int64_t K, int64_t N, int64_t n0, int64_t n1,
-              int64_t used) {
+// 8 weights as fp32: fp32 as they are, int8 converted exactly
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Output rows n0..n1-1 of y = (x . w) * scale + bias for `used` <= M input rows (scale: int8
+// weights only), R weight rows at a time: R*M independent accumulation chains hide the FMA
+// latency.
+template <int M, typename W>
+void rows_f32(const float* xp, const W* wp, const float* sp, const float* bp, float* yp, int64_t K, int64_t N, int64_t n0,
+              int64_t n1, int64_t used) {
   constexpr int R = M >= 8 ? 1 : 8 / M;
   // Prefetch each row's place in the next block of R rows (at least 2 KB ahead): a fixed
   // distance from a row of this block lands inside this block when R rows span more than it.
-  const int64_t ahead = std::max<int64_t>(R * K, 512);
+  const int64_t ahead = std::max<int64_t>(R * K, 2048 / static_cast<int64_t>(sizeof(W)));
   const float* xrow[M];
   for (int m = 0; m < M; ++m) xrow[m] = xp + std::min<int64_t>(m, used - 1) * K;
   for (int64_t n = n0; n < n1; n += R) {
@@ -42,9 +49,9 @@ void rows_f32(const float* xp, const float* wp, const float* bp, float* yp, int6
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k += 8)
       for (int r = 0; r < rows; ++r) {
-        const float* w = wp + (n + r) * K + k;
+        const W* w = wp + (n + r) * K + k;
         _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
-        const __m256 wv = _mm256_loadu_ps(w);
+        const __m256 wv = load8(w);
         for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xrow[m] + k), acc[r][m]);
       }
     for (int r = 0; r < rows; ++r)
@@ -52,7 +59,7 @@ void rows_f32(const float* xp, const float* wp, const float* bp, float* yp, int6
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        yp[m * N + n + r] = _mm_cvtss_f32(h) + (bp ? bp[n + r] : 0.f);
+        yp[m * N + n + r] = _mm_cvtss_f32(h) * (sp ? sp[n + r] : 1.f) + (bp ? bp[n + r] : 0.f);
       }
   }
 }
@@ -70,11 +77,16 @@ bool f32_gemv_available() {
 #endif
 }
 
-at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  // x [M, K] fp32, w [N, K] fp32 (nn.Linear layout), bias [N] or none → y [M, N] fp32
-  TORCH_CHECK(f32_gemv_available(), "our fp32 streamed linear needs a CPU with AVX2 and FMA");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kFloat &&
-              w.scalar_type() == at::kFloat, "x [M, K] fp32, w [N, K] fp32");
+}  // namespace efficientrollout
+
+namespace {
+
+// What f32_gemv and int8_f32_gemv share: checks, the output, the bias in fp32, the stream over
+// `wp` (the data of `w`; `scale` defined for int8 weights only).
+template <typename W>
+at::Tensor streamed_f32(const at::Tensor& x, const at::Tensor& w, const W* wp, const float* sp, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(efficientrollout::f32_gemv_available(), "our fp32 streamed linears need a CPU with AVX2 and FMA");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kFloat, "x [M, K] fp32, w [N, K]");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 12 && x.size(1) % 8 == 0 && w.is_contiguous(), "1-12 rows; K a multiple of 8; contiguous w");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto xc = x.contiguous();
@@ -83,27 +95,46 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w, const c10::optiona
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
 #if defined(__AVX2__) && defined(__FMA__)
   const float* xp = xc.const_data_ptr<float>();
-  const float* wp = w.const_data_ptr<float>();
   const float* bp = bias.has_value() ? b.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    if (M == 1) rows_f32<1>(xp, wp, bp, yp, K, N, n0, n1, M);
-    else if (M == 2) rows_f32<2>(xp, wp, bp, yp, K, N, n0, n1, M);
-    else if (M <= 4) rows_f32<4>(xp, wp, bp, yp, K, N, n0, n1, M);
-    else if (M <= 8) rows_f32<8>(xp, wp, bp, yp, K, N, n0, n1, M);
-    else rows_f32<kMaxRows>(xp, wp, bp, yp, K, N, n0, n1, M);
+    if (M == 1) rows_f32<1>(xp, wp, sp, bp, yp, K, N, n0, n1, M);
+    else if (M == 2) rows_f32<2>(xp, wp, sp, bp, yp, K, N, n0, n1, M);
+    else if (M <= 4) rows_f32<4>(xp, wp, sp, bp, yp, K, N, n0, n1, M);
+    else if (M <= 8) rows_f32<8>(xp, wp, sp, bp, yp, K, N, n0, n1, M);
+    else rows_f32<kMaxRows>(xp, wp, sp, bp, yp, K, N, n0, n1, M);
   });
 #endif
   return y;
+}
+
+}  // namespace
+
+namespace efficientrollout {
+
+at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  // x [M, K] fp32, w [N, K] fp32 (nn.Linear layout), bias [N] or none → y [M, N] fp32
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "w [N, K] fp32");
+  return streamed_f32(x, w, w.const_data_ptr<float>(), nullptr, bias);
+}
+
+at::Tensor int8_f32_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
+  // x [M, K] fp32, q [N, K] int8, scale [N] fp32 (per output row) → y [M, N] = x . (q * scale)^T + bias, fp32:
+  // an fp32 target's int8 drafter, weights read at a byte each and activations kept in fp32
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0) && scale.is_contiguous(),
+              "q [N, K] int8, scale [N] fp32 contiguous");
+  return streamed_f32(x, q, q.const_data_ptr<int8_t>(), scale.const_data_ptr<float>(), bias);
 }
 
 }  // namespace efficientrollout
 
 TORCH_LIBRARY_FRAGMENT(efficientrollout, m) {
   m.def("f32_gemv(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("int8_f32_gemv(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor");
   m.def("f32_gemv_available() -> bool", [] { return efficientrollout::f32_gemv_available(); });
 }
 
 TORCH_LIBRARY_IMPL(efficientrollout, CPU, m) {
   m.impl("f32_gemv", &efficientrollout::f32_gemv);
+  m.impl("int8_f32_gemv", &efficientrollout::int8_f32_gemv);
 }

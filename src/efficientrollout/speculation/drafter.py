@@ -12,6 +12,15 @@ call) at 0.20-0.47x the target's time for 1-64 rows, where ATen's `_weight_int8p
 1.8-41x *slower* than fp32 (it is only fast with AVX512). On AVX512 CPUs: `_weight_int8pack_mm`;
 on CUDA: torchao's Int8Tensor itself (see `pick_kernel` for what GPUs measured).
 
+But FBGEMM quantizes every call's activations to int8 (per tensor, 7 bits), and SmolLM2's
+hidden states have outlier channels: an fp32 engine's drafts were accepted 0.79 of the time at
+batch 1 and 0.65 at 16 (temperature 1, K = 4), where weight-only int8 (fp32 activations) gave
+0.92 / 0.93. So at 1-12 rows (where speculation pays) fp32 targets draft with our int8 GEMV
+(`int8_gemv_op`): on AVX512-BF16 CPUs over bf16 activations (0.91 accepted; a drafter step
+0.40 / 0.42 / 0.48 / 0.52 of the target's at batch 1 / 2 / 4 / 8 on one core, FBGEMM's 0.42 /
+0.43 / 0.45 / 0.47), elsewhere over fp32 activations (`int8_f32_gemv`, AVX2: 0.92 accepted,
+0.49 / 0.67 / 0.57 / 0.75, measured running that code on the AVX512 CPU); FBGEMM beyond.
+
 int4 (group-wise, asymmetric, torchao's `groupwise_affine_quantize_tensor`): on CUDA in torchao's
 tinygemm tile-packed layout; on AVX512 CPUs packed for ATen's `_weight_int4pack_mm_for_cpu`.
 Measured on a 2-core AVX512-BF16 CPU, all 121 linears of SmolLM2 with cold weights: int4 runs at
@@ -33,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import cpu_ops, gemv_ops
+from ..kernels import cpu_ops, gemv_ops, int8_gemv_op
 from ..models.decoder import GEMV_MAX_ROWS, Decoder, Linear
 
 
@@ -42,10 +51,10 @@ FP8_MAX = 448.0  # the largest float8_e4m3fn
 
 
 def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.bfloat16, override: str = "auto") -> str:
-    """The int8 (or int4) kernel for a drafter of a `dtype` target on `device`. `int8pack` is
-    fast for bf16 activations only (our int8 GEMV); an fp32 target on an AVX512 CPU drafts with
-    FBGEMM instead (measured, SmolLM2 fp32 on one core: FBGEMM 0.33 / 0.36 / 0.44 of the target's
-    step at batch 1 / 4 / 8, `_weight_int8pack_mm` with fp32 activations 2.9 / 8.7x slower).
+    """The int8 (or int4) kernel for a drafter of a `dtype` target on `device`. On CPUs
+    `int8pack`: our int8 GEMV at 1-12 rows (bf16, or fp32 targets: see the module docstring),
+    ATen's `_weight_int8pack_mm` (bf16 with AVX512; with fp32 activations 2.9 / 8.7x slower than
+    the target) or FBGEMM beyond; FBGEMM where our kernels cannot run.
     On GPUs no 8-bit kernel beat the bf16 target (H100/H200, CUDA graphs, Llama-3-8B layer
     shapes, 1-64 rows; bench_step): torchao's int8 weight-only tensor (the default here) cost
     1.1-4.0x its step (it widens the weight to bf16 on every call), ATen's CUDA
@@ -65,6 +74,8 @@ def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
     if torch.cpu._is_avx512_supported() and (dtype == torch.bfloat16 or not fbgemm):
         return "int8pack"
+    if dtype == torch.float32 and int8_gemv_op(torch.empty(0, 8)) is not None:
+        return "int8pack"  # our fp32 int8 kernel at 1-12 rows (FBGEMM beyond): see the module docstring
     return "fbgemm" if fbgemm else "torchao"
 
 
@@ -89,6 +100,7 @@ class QuantLinear(nn.Module):
         src = self._source[0]
         w, bias = src.weight.detach(), None if src.bias is None else src.bias.detach()
         self.gemv: list[Tensor] | None = None  # our kernels' weights for this linear, where they serve it
+        self.gemv_op = None  # and our int8 kernel for 1-12 rows of it (int8pack)
         self.bias = bias
         if self.kernel == "none":
             self.weight = w
@@ -106,7 +118,8 @@ class QuantLinear(nn.Module):
             self.weight = self.wide
         elif self.kernel == "int8pack":
             self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
-            if gemv_ops(w) is not None:  # our int8 kernel: int8 weight, fp32 scale per row
+            self.gemv_op = int8_gemv_op(w)
+            if self.gemv_op is not None:  # our int8 kernels: int8 weight, fp32 scale per row
                 self.gemv = [self.weight[0], scale.contiguous()]
         elif self.kernel == "w8a8":
             self.weight = (q.qdata.contiguous(), scale[None])
@@ -141,7 +154,7 @@ class QuantLinear(nn.Module):
         if self.kernel in PACKED_MAX_ROWS:
             lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
             if self.kernel == "int8pack" and self.gemv is not None and rows.shape[0] <= GEMV_MAX_ROWS:
-                return cpu_ops().int8_gemv(rows, *self.gemv, self.bias).view(*lead, -1)
+                return self.gemv_op(rows, *self.gemv, self.bias).view(*lead, -1)
             if rows.shape[0] > PACKED_MAX_ROWS[self.kernel] and x.device.type == "cpu":
                 return self._source[0](x) if self.wide is None else _fbgemm_linear(x, self.wide)
             if self.kernel == "int8pack":
