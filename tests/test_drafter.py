@@ -102,7 +102,8 @@ def test_the_int8_kernel_follows_the_targets_dtype():
         assert pick_kernel(cpu, dtype=torch.bfloat16) == "int8pack"
 
 
-@pytest.mark.skipif(int8_gemv_op(torch.empty(0, 64)) is None, reason="needs our CPU kernels")
+@pytest.mark.skipif(int8_gemv_op(torch.empty(0, 64)) is None or "fbgemm" not in torch.backends.quantized.supported_engines,
+                    reason="needs our CPU kernels and FBGEMM")
 def test_an_fp32_drafter_keeps_fp32_activations_at_few_rows():
     """FBGEMM quantizes each call's activations to int8, per tensor: with SmolLM2's outlier
     channels that cost acceptance (0.79 at batch 1, 0.65 at 16, where weight-only int8 drafts
@@ -122,9 +123,49 @@ def test_an_fp32_drafter_keeps_fp32_activations_at_few_rows():
         assert ours(x).dtype == torch.float32 and err["ours"] < err["fbgemm"] / 2, (rows, err)
 
 
-def test_fp8_needs_a_gpu():
-    with pytest.raises(ValueError, match="fp8 drafter needs a CUDA GPU"):
-        QuantLinear(Linear(64, 32, bias=False), "fp8")
+@pytest.mark.skipif(int8_gemv_op(torch.empty(0, 72)) is None, reason="needs our CPU kernels (AVX2 and FMA)")
+def test_an_fp32_drafter_of_any_cpu_runs_int8_weights_with_fp32_activations():
+    """A width our bf16 kernels do not take (72: not a multiple of 32) runs the AVX2 int8 kernel,
+    the one CPUs without AVX512-BF16 use for every fp32 drafter: the dequantized linear's result."""
+    torch.manual_seed(0)
+    target = Linear(72, 40, bias=True)
+    target.pack()
+    q = QuantLinear(target, "int8pack")
+    assert q.gemv_op is not None
+    x = torch.randn(3, 72)
+    qdata, scale = q.gemv
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, qdata.float() * scale[:, None], target.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_a_drafter_kernel_must_exist_and_suit_the_device():
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        pick_kernel(torch.device("cpu"), override="fp8")
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        pick_kernel(torch.device("cpu"), override="int9")
+    assert pick_kernel(torch.device("cpu"), override="w8a8") == "w8a8"
+
+
+@pytest.mark.parametrize("kernel", ["w8a8"] + (["fp8"] if torch.cuda.is_available() else []))
+def test_8bit_tensor_core_kernels_serve_a_vocabulary_head_of_any_size(kernel):
+    """A drafter vocabulary head keeps N rows of the LM head (any N); cuBLAS wants N % 16 == 0:
+    the kernels pad the weights and return N columns, also after the rows change."""
+    from efficientrollout.speculation.drafter import _Rows
+
+    device = "cuda" if kernel == "fp8" else "cpu"
+    torch.manual_seed(0)
+    head = Linear(64, 100, bias=False).to(device)
+    q = QuantLinear(_Rows(head, torch.arange(20, device=device)), kernel)
+    x = torch.randn(3, 64, device=device)
+    assert q(x).shape == (3, 20)
+    q._source = (_Rows(head, torch.arange(37, device=device)),)
+    q.requantize()
+    exact = head(x)[:, :37]
+    assert q(x).shape == (3, 37) and ((q(x) - exact).norm() / exact.norm()) < 0.05
+
+
+def test_8bit_tensor_core_kernels_need_widths_divisible_by_16():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        QuantLinear(Linear(72, 32, bias=False), "w8a8")
 
 
 def test_int4_needs_a_fast_kernel_and_a_dividing_group_size():

@@ -73,19 +73,20 @@ def gemv_ops(weight: torch.Tensor):
 
 def int8_gemv_op(weight: torch.Tensor):
     """Our kernel for 1-12 rows of an int8 copy of `weight` (int8 rows, an fp32 scale each), in
-    and out in `weight`'s dtype, or None. bf16: `int8_gemv` (AVX512-BF16 CPUs, gemv_ops). fp32:
-    the same kernel over bf16 activations where it exists, else `int8_f32_gemv` (AVX2+FMA CPUs,
-    rows a multiple of 8 wide)."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+    and out in `weight`'s dtype, or None. bf16: `int8_gemv` (AVX512-BF16 CPUs, rows a multiple
+    of 32 wide). fp32: the same kernel over bf16 activations where it serves, else
+    `int8_f32_gemv` (AVX2+FMA CPUs, rows a multiple of 8 wide)."""
+    if weight.device.type != "cpu" or (kernels := cpu_ops()) is None:
         return None
-    if (kernels := gemv_ops(weight.new_empty(0, weight.shape[-1], dtype=torch.bfloat16))) is not None:
+    width = weight.shape[-1]
+    if kernels.bf16_gemv_available() and width % 32 == 0:
         if weight.dtype == torch.bfloat16:
             return kernels.int8_gemv
-        return lambda x, q, scale, bias: kernels.int8_gemv(x.bfloat16(), q, scale, bias).float()
-    kernels = cpu_ops()
-    if weight.dtype != torch.float32 or weight.shape[-1] % 8 or kernels is None or not kernels.f32_gemv_available():
-        return None
-    return kernels.int8_f32_gemv
+        if weight.dtype == torch.float32:
+            return lambda x, q, scale, bias: kernels.int8_gemv(x.bfloat16(), q, scale, bias).float()
+    if weight.dtype == torch.float32 and width % 8 == 0 and kernels.f32_gemv_available():
+        return kernels.int8_f32_gemv
+    return None
 
 
 def streamed_linear_op(weight: torch.Tensor):

@@ -5,8 +5,8 @@
 // AVX512 CPU, where a plain read reaches ~44 GB/s; this kernel (AVX2 only, so it is the same
 // code on AVX2-only CPUs) streams them at 34-39 GB/s: all 120 layer linears 12.5 vs 15.4 ms at
 // 1 row, 11.0 vs 17.6 ms at 4. Each weight row is prefetched at its place in the next block of
-// R rows: a fixed 2 KB ahead fell inside the block being read (R rows of SmolLM2 span up to
-// 18 KB), and with cold weights (160 copies of SmolLM2's four layer linears, one thread) the
+// R rows: a fixed 2 KB ahead fell inside the block being read (8 fp32 rows of SmolLM2's
+// 576-wide layers span 18 KB), and with cold weights (160 copies of SmolLM2's four layer linears, one thread) the
 // kernel then took 1.4x / 1.7x / 1.5x as long at 1 / 2 / 4 rows; an fp32 engine step on one
 // core, batch 1-4, went from 33-48 to 25-37 ms (bench_step, AVX512-BF16 CPU, 2026-11-26).
 #include <ATen/ATen.h>

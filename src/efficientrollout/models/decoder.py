@@ -56,10 +56,10 @@ def cached_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> T
     Why not SDPA: on CPUs in bf16, `scaled_dot_product_attention` with a mask over the cache
     costs 0.17 ms per layer at batch 4, 0.67 ms at 16 and 2.7 ms at 64 (one query each, 100
     keys; measured on a 2-core AVX512-BF16 CPU), most of a batch-64 step; these matmuls take
-    0.06, 0.09 and 0.19 ms. On CUDA, SDPA with a mask and GQA copies the keys and values
-    (~160 copy kernels per step): on an H200, CUDA-graph steps of a bf16 model with Llama-3-8B's
-    layers took 1.3x (1 row, 512 keys) to 3.3x (16 rows, 2000 keys) as long as with these
-    matmuls (docs/profile_h200_llama8b_8layers_attention.txt). Scores are softmaxed in fp32.
+    0.06, 0.09 and 0.19 ms. On CUDA, with SDPA (a mask over the cache, GQA) CUDA-graph steps of
+    a bf16 model with Llama-3-8B's layers took 1.3x (1 row, 512 keys) to 3.3x (16 rows, 2000
+    keys) as long as with these matmuls on an H200, and launched more copy kernels
+    (docs/profile_h200_llama8b_8layers_attention.txt). Scores are softmaxed in fp32.
     q [b, H, T, D]; keys, values [b, Hkv, S, D]; mask [b, 1, T, S] (True: visible) → [b, H, T, D]."""
     b, H, T, D = q.shape
     Hkv, S = keys.shape[1], keys.shape[2]

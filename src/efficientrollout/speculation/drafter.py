@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import cpu_ops, gemv_ops, int8_gemv_op
+from ..kernels import gemv_ops, int8_gemv_op
 from ..models.decoder import GEMV_MAX_ROWS, Decoder, Linear
+from .gate import DRAFTER_KERNELS
 
 
 PACKED_MAX_ROWS = {"int8pack": 4, "int4pack": 8}  # on CPUs, beyond this FBGEMM is faster (measured above)
-FP8_MAX = 448.0  # the largest float8_e4m3fn
+CPU_ONLY, CUDA_ONLY = ("fbgemm", "int4pack"), ("fp8", "int4")
 
 
 def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.bfloat16, override: str = "auto") -> str:
@@ -62,6 +63,10 @@ def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.
     row-wise scales) 1.0-1.4x, and fp8 drafts of a tiny random model were accepted less often
     (greedy, K=4: 0.37-0.45 where int8's passed 0.6). On GPUs draft with int4."""
     if override != "auto":
+        wrong = override in (CUDA_ONLY if device.type == "cpu" else CPU_ONLY)
+        if override not in DRAFTER_KERNELS or wrong:
+            raise ValueError(f"drafter kernel {override!r} cannot run on {device.type}: choose from {DRAFTER_KERNELS} "
+                             f"(CPU only: {CPU_ONLY}; CUDA only: {CUDA_ONLY})")
         return override
     if bits == 4:
         if device.type == "cuda":
@@ -87,9 +92,8 @@ class QuantLinear(nn.Module):
         self._source = (source,)  # a tuple: not registered as a submodule, never quantized twice
         self.kernel = kernel
         self.group_size = group_size
-        if kernel == "fp8" and (source.weight.device.type != "cuda" or source.in_features % 16):
-            raise ValueError("the fp8 drafter needs a CUDA GPU (a row-wise scaled fp8 GEMM) and layer widths divisible by 16")
-        self.out_features = source.weight.shape[0]
+        if kernel in ("w8a8", "fp8") and source.in_features % 16:
+            raise ValueError(f"the {kernel} drafter needs layer widths divisible by 16, not {source.in_features}")
         if kernel == "int4" and source.in_features % group_size:
             raise ValueError(f"int4 group size {group_size} does not divide the layer width {source.in_features}")
         self.requantize()
@@ -99,6 +103,7 @@ class QuantLinear(nn.Module):
 
         src = self._source[0]
         w, bias = src.weight.detach(), None if src.bias is None else src.bias.detach()
+        self.out_features = w.shape[0]  # a vocabulary head's rows change at every refresh
         self.gemv: list[Tensor] | None = None  # our kernels' weights for this linear, where they serve it
         self.gemv_op = None  # and our int8 kernel for 1-12 rows of it (int8pack)
         self.bias = bias
@@ -121,13 +126,10 @@ class QuantLinear(nn.Module):
             self.gemv_op = int8_gemv_op(w)
             if self.gemv_op is not None:  # our int8 kernels: int8 weight, fp32 scale per row
                 self.gemv = [self.weight[0], scale.contiguous()]
-        elif self.kernel == "w8a8":
-            self.weight = (q.qdata.contiguous(), scale[None])
-        elif self.kernel == "fp8":
-            fp8_scale = w.float().abs().amax(1).clamp(min=1e-12) / FP8_MAX  # [N]
-            wq = (w.float() / fp8_scale[:, None]).to(torch.float8_e4m3fn)
-            pad = -w.shape[0] % 16  # cuBLAS wants N % 16 == 0 (a drafter vocabulary head may not be): zero rows
-            self.weight = (F.pad(wq.view(torch.int8), (0, 0, 0, pad)).view(wq.dtype), F.pad(fp8_scale, (0, pad), value=1.0)[None])
+        elif self.kernel in ("w8a8", "fp8"):
+            wq, w_scale = _quantize_rows(w, self.kernel)  # [N, K], [N, 1]
+            # cuBLAS wants N % 16 == 0 (a drafter vocabulary head may not be): zero rows, sliced off in forward
+            self.weight = _pad_rows(wq, -w.shape[0] % 16), _pad_rows(w_scale, -w.shape[0] % 16, 1.0).t().contiguous()
         elif self.kernel == "int4":
             from torchao.quantization import Int4TilePackedTo4dTensor
 
@@ -155,7 +157,8 @@ class QuantLinear(nn.Module):
             lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
             if self.kernel == "int8pack" and self.gemv is not None and rows.shape[0] <= GEMV_MAX_ROWS:
                 return self.gemv_op(rows, *self.gemv, self.bias).view(*lead, -1)
-            if rows.shape[0] > PACKED_MAX_ROWS[self.kernel] and x.device.type == "cpu":
+            slow = self.kernel == "int8pack" and x.dtype == torch.float32  # ATen's int8pack with fp32 activations: 3-9x the target
+            if x.device.type == "cpu" and (rows.shape[0] > PACKED_MAX_ROWS[self.kernel] or slow):
                 return self._source[0](x) if self.wide is None else _fbgemm_linear(x, self.wide)
             if self.kernel == "int8pack":
                 y = torch._weight_int8pack_mm(rows.contiguous(), *self.weight)
@@ -201,18 +204,36 @@ def _copy_into(dst, src) -> bool:
     return True
 
 
+def _quantize_rows(t: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+    """Each row of t [M, K] scaled to the 8-bit range (int8 for w8a8, fp8 e4m3 for fp8):
+    (q [M, K], scale [M, 1] fp32) with t ~ q * scale."""
+    tf = t.float()
+    qmax = 127.0 if kernel == "w8a8" else torch.finfo(torch.float8_e4m3fn).max
+    scale = tf.abs().amax(1, keepdim=True).clamp(min=1e-12) / qmax
+    q = tf / scale
+    return (q.round().clamp(-qmax, qmax).to(torch.int8) if kernel == "w8a8" else q.to(torch.float8_e4m3fn)), scale
+
+
+def _pad_rows(t: Tensor, n: int, value: float = 0.0) -> Tensor:
+    """t with n more rows of `value` (8-bit tensors through their bytes: F.pad takes no fp8)."""
+    if n == 0:
+        return t
+    if t.element_size() == 1:
+        return F.pad(t.view(torch.int8), (0, 0, 0, n), value=int(value)).view(t.dtype)
+    return F.pad(t, (0, 0, 0, n), value=value)
+
+
 def _dynamic_mm(x: Tensor, w: Tensor, w_scale: Tensor, kernel: str) -> Tensor:
     """x [M, K] @ w [N, K].T with x quantized per row on the fly (int8 or fp8 e4m3) and both
     scales applied to the result: 8-bit weights *and* 8-bit tensor-core math, where weight-only
-    kernels widen the weights to bf16. cuBLAS wants at least 17 rows (int8) or a multiple of 16
-    (fp8): few rows are padded with zeros, which costs little beside reading the weights."""
-    m, qmax = x.shape[0], 127.0 if kernel == "w8a8" else FP8_MAX
-    x_scale = x.float().abs().amax(1, keepdim=True).clamp(min=1e-12) / qmax  # [M, 1]
-    xq = x.float() / x_scale
-    xq = xq.round().clamp(-qmax, qmax).to(torch.int8) if kernel == "w8a8" else xq.to(torch.float8_e4m3fn)
+    kernels widen the weights to bf16. On CUDA, cuBLAS wants more than 16 rows (int8; padded to
+    32) or a multiple of 16 (fp8): few rows are padded with zeros, which costs little beside
+    reading the weights."""
+    m = x.shape[0]
+    xq, x_scale = _quantize_rows(x, kernel)  # [M, K], [M, 1]
     if x.is_cuda:
         pad = max(32 - m, 0) if kernel == "w8a8" else -m % 16
-        xq, x_scale = F.pad(xq.view(torch.int8), (0, 0, 0, pad)).view(xq.dtype), F.pad(x_scale, (0, 0, 0, pad), value=1.0)
+        xq, x_scale = _pad_rows(xq, pad), _pad_rows(x_scale, pad, 1.0)
     if kernel == "w8a8":
         y = torch._int_mm(xq, w.t()) * x_scale * w_scale
     else:

@@ -33,8 +33,9 @@ class SpeculationConfig:
     k_max: int = option(8, "adaptive chooses K in 0..k_max per step")
     drafter: str = option("int8", "int8 (torchao, per channel) | int4 (group-wise; CUDA and AVX512 CPUs) | exact (unquantized: tests)",
                           choices=("int8", "int4", "exact"))
-    drafter_kernel: str = option("auto", "the drafter's linear kernel: auto (the fastest measured on this device for --drafter) | "
-                                 + " | ".join(DRAFTER_KERNELS) + " (overrides --drafter)", choices=("auto", *DRAFTER_KERNELS))
+    drafter_kernel: str = option("auto", "the drafter's linear kernel: auto (pick_kernel's choice for this device and --drafter) | "
+                                 + " | ".join(DRAFTER_KERNELS) + " (overrides --drafter's int8/int4; not with exact)",
+                                 choices=("auto", *DRAFTER_KERNELS))
     int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
     draft_vocab: int = option(0, "N > 0: the drafter's LM head keeps the N tokens finished rollouts emitted most, once it "
                               "has seen N; lossless, and pays off for greedy decoding only (see VocabHead)")
