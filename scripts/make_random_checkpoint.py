@@ -2,7 +2,8 @@
 
 For measuring step costs at sizes where decoding is memory-bound (a GPU, a 7B-class layer)
 without downloading a model: the weights are random, so costs are real and acceptance is not
-(a random model's near-flat distributions are easy to draft). The tokenizer is copied from
+(an 8-layer Llama-3-8B-shaped one's int4 drafts were accepted 0.3-0.55 on an H200, temperature
+1: a real policy's are far likelier). The tokenizer is copied from
 `--tokenizer` (default: the bundled SmolLM2's). Weights are drawn on `--device` (fast on a GPU).
 
     python scripts/make_random_checkpoint.py out/llama8b-8l --layers 8
