@@ -241,9 +241,15 @@ def _dynamic_mm(x: Tensor, w: Tensor, w_scale: Tensor, kernel: str) -> Tensor:
     return y[:m].to(x.dtype)
 
 
+# FBGEMM quantizes the activations per call, to 7 bits unless told otherwise: without VNNI its
+# u8 x s8 products may saturate a 16-bit sum at 8 bits. With VNNI they cannot, and 8 bits
+# lifted the fp32 drafter's acceptance at batch 16 from 0.65 to 0.75 (SmolLM2, K = 4).
+_FBGEMM_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
+
+
 def _fbgemm_linear(x: Tensor, packed) -> Tensor:
     lead = x.shape[:-1]
-    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), packed, True)
+    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), packed, _FBGEMM_REDUCE_RANGE)
     return y.view(*lead, y.shape[-1]).to(x.dtype)
 
 
