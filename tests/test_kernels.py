@@ -99,24 +99,29 @@ def test_bf16_decode_with_kernels_matches_the_torch_path(model_dir, request, mon
     assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() > 0.95
 
 
-@pytest.mark.skipif(OPS is None or not OPS.bf16_gemv_available(), reason="the fused layer needs AVX512-BF16")
-def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir, dtype):
     """decode_stack (one C++ call for all layers) runs the same kernels as the Python layer code:
-    the same bits, for the bf16 target and its int8 and int4 drafters, at decode and verify shapes."""
+    the same bits, for the target and its int8 (and, in bf16, int4) drafters, at decode and
+    verify shapes. fp32 layers call the module path's ATen ops from C++ (SDPA included)."""
     from efficientrollout.engines.native.runner import ModelRunner
     from efficientrollout.models import load_model
     from efficientrollout.speculation import Drafter
 
-    loaded = load_model(tiny_dir, torch.bfloat16, torch.device("cpu"), max_seq_len=128)
+    if OPS is None or not (OPS.bf16_gemv_available() if dtype == torch.bfloat16 else OPS.f32_gemv_available()):
+        pytest.skip("the fused layers need AVX512-BF16 (bf16) or AVX2 and FMA (fp32)")
+    loaded = load_model(tiny_dir, dtype, torch.device("cpu"), max_seq_len=128)
     runner = ModelRunner(loaded.decoder, max_batch_size=3, max_seq_len=128)
-    drafter = Drafter(loaded.decoder, kernel="int8pack")
-    drafter4 = Drafter(loaded.decoder, kernel="int4pack", group_size=32)
+    drafters = [Drafter(loaded.decoder, kernel="int8pack")]
+    if dtype == torch.bfloat16:
+        drafters.append(Drafter(loaded.decoder, kernel="int4pack", group_size=32))
     runner.prefill([[5, 17, 300, 42, 9], [8, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]], slots=[0, 1, 2])
-    assert all(d.fused_layers() is not None for d in (loaded.decoder, drafter.decoder, drafter4.decoder))
-    assert drafter.decoder.fused_layers()[0][2] is not loaded.decoder.fused_layers()[0][2]  # its own int8 weights
+    decoders = [loaded.decoder] + [d.decoder for d in drafters]
+    assert all(d.fused_layers() is not None for d in decoders)
+    assert decoders[1].fused_layers()[0][2] is not loaded.decoder.fused_layers()[0][2]  # its own int8 weights
     for tokens, positions in ((torch.tensor([[11], [21], [31]]), torch.tensor([[5], [3], [8]])),
                               (torch.tensor([[11, 12], [21, 22], [31, 32]]), torch.tensor([[5, 6], [3, 4], [8, 9]]))):
-        for decoder in (loaded.decoder, drafter.decoder, drafter4.decoder):
+        for decoder in decoders:
             fused = runner.forward(tokens, positions, kv_len=10, decoder=decoder)
             decoder._fused = ()  # "no fused layers": the module path
             slow = runner.forward(tokens, positions, kv_len=10, decoder=decoder)

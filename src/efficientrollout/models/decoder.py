@@ -111,8 +111,8 @@ class Linear(nn.Linear):
         return y.view(*lead, y.shape[-1])
 
     def gemv_weights(self) -> list[Tensor] | None:
-        """The weights as `decode_stack` takes them, where our bf16 kernel serves this linear."""
-        return [self.weight] if self.stream is not None and self.weight.dtype == torch.bfloat16 else None
+        """The weights as `decode_stack` takes them, where our kernel (bf16 or fp32) serves this linear."""
+        return [self.weight] if self.stream is not None else None
 
 
 GEMV_MAX_ROWS = 12
@@ -273,12 +273,14 @@ class Decoder(nn.Module):
         b, T = tokens.shape
         x = self.embed(tokens).view(b * T, cfg.hidden_size)
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)  # [b, T, D]
-        x = kernels.decode_stack(x, *layers, cfg.rms_norm_eps, cos, sin, cache.k, cache.v, torch.arange(b), positions, kv_len, cfg.num_heads)
+        # fp32 layers attend with SDPA, as the module path does: its mask [b, 1, T, kv_len]
+        mask = (torch.arange(kv_len) <= positions[:, :, None])[:, None] if x.dtype == torch.float32 else None
+        x = kernels.decode_stack(x, *layers, cfg.rms_norm_eps, cos, sin, cache.k, cache.v, torch.arange(b), positions, kv_len, cfg.num_heads, mask)
         return rms_norm(x.view(b, T, cfg.hidden_size), self.norm, cfg.rms_norm_eps)
 
     def fused_layers(self) -> tuple[list[Tensor], list[int]] | None:
-        """`decode_stack`'s weights and counts, or None where a layer cannot run there (fp32, no
-        kernels, QK-norm models, a linear our kernels do not serve). Derived state: call
+        """`decode_stack`'s weights and counts, or None where a layer cannot run there (no
+        kernels, QK-norm models, fp16, a linear our kernels do not serve). Derived state: call
         `invalidate_fused()` when linears or their weights' tensors change."""
         if self._fused is None:
             self._fused = self._build_fused() or ()
@@ -288,7 +290,7 @@ class Decoder(nn.Module):
         self._fused = None
 
     def _build_fused(self) -> tuple[list[Tensor], list[int]] | None:
-        if self.cfg.qk_norm or self.norm.device.type != "cpu" or self.norm.dtype != torch.bfloat16 or cpu_ops() is None:
+        if self.cfg.qk_norm or self.norm.device.type != "cpu" or self.norm.dtype not in (torch.bfloat16, torch.float32) or cpu_ops() is None:
             return None
         weights, counts = [], []
         for layer in self.layers:
