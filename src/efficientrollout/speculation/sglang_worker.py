@@ -196,6 +196,18 @@ def _patch_sglang() -> None:
 
 
 @contextlib.contextmanager
+def _swapped(obj, name: str, value):
+    """`obj.name` is `value` inside the block and what it was after it (SGLang's runner reads
+    several of its attributes when it builds or runs a step: we set them for one block)."""
+    old = getattr(obj, name, None)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
 def _draft_layers_on():
     """Forwards in this block run the draft: every patched linear uses its int8 copy."""
     global _drafting
@@ -232,11 +244,8 @@ def _backend(model_runner, own_workspace: bool = True):
     """A new attention backend of the model runner, built with whatever verify width SGLang's
     config holds now (see _verify_width); with its own workspace where a graph will bake it in
     (FlashInfer's is 384 MiB or more), else sharing the global one (eager steps run in turn)."""
-    workspace = model_runner.init_new_workspace
-    try:
+    with _swapped(model_runner, "init_new_workspace", model_runner.init_new_workspace):  # SGLang sets it
         return model_runner._get_attention_backend(init_new_workspace=own_workspace)
-    finally:
-        model_runner.init_new_workspace = workspace
 
 
 @contextlib.contextmanager
@@ -260,13 +269,9 @@ def _capture_decode(model_runner):
     the runner is built while the model runner reads as non-speculative."""
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    algorithm = model_runner.spec_algorithm
-    try:
-        model_runner.spec_algorithm = SpeculativeAlgorithm.NONE
+    with _swapped(model_runner, "spec_algorithm", SpeculativeAlgorithm.NONE):
         return _runner_class()(model_runner, attn_backend=_backend(model_runner), speculative_num_steps=0,
                                speculative_num_draft_tokens=1)
-    finally:
-        model_runner.spec_algorithm = algorithm
 
 
 _RunnerClass = None
@@ -558,13 +563,11 @@ class SelfDraftWorker(_worker_base()):
         Without our graphs, drafts run eagerly (SGLang's graphs hold the target's weights)."""
         runner = getattr(self.model_runner, "decode_cuda_graph_runner", None)
         if self.graphs is not None:
-            self.model_runner.decode_cuda_graph_runner = self.graphs.runner(step, runner)
+            runner = self.graphs.runner(step, runner)
         elif step == "draft":
-            self.model_runner.decode_cuda_graph_runner = None
-        try:
+            runner = None
+        with _swapped(self.model_runner, "decode_cuda_graph_runner", runner):
             yield
-        finally:
-            self.model_runner.decode_cuda_graph_runner = runner
 
     @contextlib.contextmanager
     def _attention(self, k: int):
@@ -573,11 +576,8 @@ class SelfDraftWorker(_worker_base()):
         if backend is None:
             yield
             return
-        target, self.model_runner.attn_backend = self.model_runner.attn_backend, backend
-        try:
+        with _swapped(self.model_runner, "attn_backend", backend):
             yield
-        finally:
-            self.model_runner.attn_backend = target
 
     def _result(self, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
         """A spec-v2 result; `next_draft_input` keeps the fixed layout SGLang filters and merges."""
