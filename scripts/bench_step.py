@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.speculation import Drafter, SpeculationConfig
-from efficientrollout.speculation.drafter import pick_kernel
+from efficientrollout.speculation.drafter import drafter_kernel
 from efficientrollout.speculation.gate import DRAFTER_KERNELS
 
 
@@ -42,9 +42,9 @@ def main() -> None:
     engine = NativeEngine(EngineConfig(model=a.model, device=a.device, dtype=a.dtype, cuda_graphs=a.cuda_graphs, max_batch_size=max(batches),
                                        max_seq_len=max(contexts) + max(ks) + 2, speculation=SpeculationConfig(mode="plain")))
     runner = engine.runner
-    drafters = {kind: Drafter(runner.decoder, kernel=pick_kernel(engine.device, bits=4 if kind == "int4" else 8, dtype=engine.torch_dtype,
-                                                                 override="auto" if kind in ("int8", "int4") else kind))
-                for kind in a.drafters.split(",")}
+    kinds = a.drafters.split(",")  # int8 / int4: this device's kernel for them; else a kernel name
+    drafters = {kind: Drafter(runner.decoder, kernel=drafter_kernel(kind, engine.device, engine.torch_dtype) if kind in ("int8", "int4")
+                              else drafter_kernel("int8", engine.device, engine.torch_dtype, override=kind)) for kind in kinds}
 
     def forward(b: int, ctx: int, width: int, decoder=None):
         tokens = torch.zeros(b, width, dtype=torch.long, device=engine.device)

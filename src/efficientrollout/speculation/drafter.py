@@ -84,6 +84,12 @@ def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.
     return "fbgemm" if fbgemm else "torchao"
 
 
+def drafter_kernel(drafter: str, device: torch.device, dtype: torch.dtype, override: str = "auto") -> str:
+    """The QuantLinear kernel of a `drafter` (SpeculationConfig.drafter: int8 | int4 | exact,
+    the last keeping the exact weights) for a `dtype` target on `device`."""
+    return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8, dtype, override)
+
+
 class QuantLinear(nn.Module):
     """An int8 copy of a target Linear; `kernel="none"` keeps the exact weights (tests)."""
 

@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from .drafter import QuantLinear, pick_kernel
+from .drafter import QuantLinear, drafter_kernel
 from .gate import SpeculationConfig, SpeculationGate
 from .verify import verify
 
@@ -141,7 +141,7 @@ def _kernel(device, dtype) -> str:
     fast kernel exists) | exact (the weights themselves: tests); EFFICIENTROLLOUT_DRAFTER_KERNEL
     overrides the kernel."""
     drafter, kernel = os.environ.get("EFFICIENTROLLOUT_DRAFTER", "int8"), os.environ.get("EFFICIENTROLLOUT_DRAFTER_KERNEL", "auto")
-    return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8, dtype, override=kernel)
+    return drafter_kernel(drafter, device, dtype, kernel)
 
 
 def _graphs_wanted() -> bool:

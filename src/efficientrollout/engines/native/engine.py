@@ -35,7 +35,7 @@ from ...protocol import (
 )
 from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate
-from ...speculation.drafter import pick_kernel
+from ...speculation.drafter import drafter_kernel
 from ..base import EngineUnusable, engine_error, in_request_order
 from ..prompts import PromptError, encode_prompt
 from .runner import ModelRunner
@@ -104,8 +104,7 @@ class NativeEngine:
         self.trace: list[StepRecord] = []  # the last wave's steps
         if config.speculation.mode != "plain":
             spec = config.speculation
-            kernel = "none" if spec.drafter == "exact" else pick_kernel(self.device, bits=4 if spec.drafter == "int4" else 8, dtype=self.torch_dtype,
-                                                                        override=spec.drafter_kernel)
+            kernel = drafter_kernel(spec.drafter, self.device, self.torch_dtype, spec.drafter_kernel)
             self.drafter = Drafter(self.decoder, kernel=kernel, group_size=spec.int4_group_size, vocab=0 if spec.drafter == "exact" else spec.draft_vocab)
             if config.speculation.probe:
                 self.probe()
