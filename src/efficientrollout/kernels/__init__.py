@@ -84,9 +84,16 @@ def int8_gemv_op(weight: torch.Tensor):
             return kernels.int8_gemv
         if weight.dtype == torch.float32:
             return lambda x, q, scale, bias: kernels.int8_gemv(x.bfloat16(), q, scale, bias).float()
-    if weight.dtype == torch.float32 and width % 8 == 0 and kernels.f32_gemv_available():
-        return kernels.int8_f32_gemv
-    return None
+    return None if (kernels := _f32_ops(weight)) is None else kernels.int8_f32_gemv
+
+
+def _f32_ops(weight: torch.Tensor):
+    """Our kernels where their fp32 1-12-row linears serve `weight` (fp32 on a CPU, rows a
+    multiple of 8 wide, AVX2 and FMA), else None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.shape[-1] % 8:
+        return None
+    kernels = cpu_ops()
+    return kernels if kernels is not None and kernels.f32_gemv_available() else None
 
 
 def streamed_linear_op(weight: torch.Tensor):
@@ -95,7 +102,4 @@ def streamed_linear_op(weight: torch.Tensor):
     else None."""
     if (kernels := gemv_ops(weight)) is not None:
         return kernels.bf16_gemv
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.shape[-1] % 8:
-        return None
-    kernels = cpu_ops()
-    return kernels.f32_gemv if kernels is not None and kernels.f32_gemv_available() else None
+    return None if (kernels := _f32_ops(weight)) is None else kernels.f32_gemv

@@ -193,6 +193,12 @@ class Layer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+def visible_keys(positions: Tensor, kv_len: int) -> Tensor:
+    """Which of the first kv_len cached keys each query sees: key j iff j <= its position.
+    positions [b, T] → mask [b, 1, T, kv_len]."""
+    return (torch.arange(kv_len, device=positions.device) <= positions[:, :, None])[:, None]
+
+
 class StepContext:
     """Per-step indexing shared by all layers: which cache rows and positions the tokens occupy."""
 
@@ -210,7 +216,7 @@ class StepContext:
         self.mask = None
         if kv_len is not None and kernels is None:
             # key j is visible to the query at position p iff j <= p  → [b, 1, T, kv_len]
-            self.mask = (torch.arange(kv_len, device=positions.device) <= positions[:, :, None])[:, None]
+            self.mask = visible_keys(positions, kv_len)
 
 
 class Decoder(nn.Module):
@@ -274,7 +280,7 @@ class Decoder(nn.Module):
         x = self.embed(tokens).view(b * T, cfg.hidden_size)
         cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)  # [b, T, D]
         # fp32 layers attend with SDPA, as the module path does: its mask [b, 1, T, kv_len]
-        mask = (torch.arange(kv_len) <= positions[:, :, None])[:, None] if x.dtype == torch.float32 else None
+        mask = visible_keys(positions, kv_len) if x.dtype == torch.float32 else None
         x = kernels.decode_stack(x, *layers, cfg.rms_norm_eps, cos, sin, cache.k, cache.v, torch.arange(b), positions, kv_len, cfg.num_heads, mask)
         return rms_norm(x.view(b, T, cfg.hidden_size), self.norm, cfg.rms_norm_eps)
 

@@ -116,9 +116,23 @@ class QuantLinear(nn.Module):
         if self.kernel == "none":
             self.weight = w
             return
+        self.wide = None  # the packed CPU kernels' FBGEMM copy for batches beyond their range
+        if self.kernel in ("w8a8", "fp8"):
+            wq, w_scale = _quantize_rows(w, self.kernel)  # [N, K], [N, 1]
+            # cuBLAS wants N % 16 == 0 (a drafter vocabulary head may not be): zero rows, sliced off in forward
+            self.weight = _pad_rows(wq, -w.shape[0] % 16), _pad_rows(w_scale, -w.shape[0] % 16, 1.0).t().contiguous()
+            return
+        if self.kernel == "int4":
+            from torchao.quantization import Int4TilePackedTo4dTensor
+
+            self.weight = Int4TilePackedTo4dTensor.from_hp(w.bfloat16(), [1, self.group_size])
+            return
+        if self.kernel not in ("fbgemm", "int8pack", "int4pack"):  # torchao's int8 tensor
+            self.weight = Int8Tensor.from_hp(w, granularity=PerRow())
+            return
+        # FBGEMM, and the packed CPU kernels' FBGEMM copy, take these int8 weights
         q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
         scale = q.scale.reshape(-1).float()
-        self.wide = None  # the packed CPU kernels' FBGEMM copy for batches beyond their range
         on_cpu = w.device.type == "cpu"
         if self.kernel == "fbgemm" or (on_cpu and self.kernel in PACKED_MAX_ROWS and "fbgemm" in torch.backends.quantized.supported_engines):
             qt = torch._make_per_channel_quantized_tensor(
@@ -132,23 +146,13 @@ class QuantLinear(nn.Module):
             self.gemv_op = int8_gemv_op(w)
             if self.gemv_op is not None:  # our int8 kernels: int8 weight, fp32 scale per row
                 self.gemv = [self.weight[0], scale.contiguous()]
-        elif self.kernel in ("w8a8", "fp8"):
-            wq, w_scale = _quantize_rows(w, self.kernel)  # [N, K], [N, 1]
-            # cuBLAS wants N % 16 == 0 (a drafter vocabulary head may not be): zero rows, sliced off in forward
-            self.weight = _pad_rows(wq, -w.shape[0] % 16), _pad_rows(w_scale, -w.shape[0] % 16, 1.0).t().contiguous()
-        elif self.kernel == "int4":
-            from torchao.quantization import Int4TilePackedTo4dTensor
-
-            self.weight = Int4TilePackedTo4dTensor.from_hp(w.bfloat16(), [1, self.group_size])
-        elif self.kernel == "int4pack":
+        else:  # int4pack
             from torchao.quantization.utils import groupwise_affine_quantize_tensor
 
             qdata, scales_and_zeros = groupwise_affine_quantize_tensor(w.bfloat16(), 4, self.group_size, torch.bfloat16)
             self.weight = (torch._convert_weight_to_int4pack_for_cpu(qdata, 1), scales_and_zeros)
             if bias is None and gemv_ops(w) is not None:  # decode_layer calls ATen's int4 kernel itself
                 self.gemv = [*self.weight, torch.tensor(self.group_size)]
-        else:
-            self.weight = Int8Tensor.from_hp(w, granularity=PerRow())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == "none":
