@@ -23,10 +23,12 @@ def _reference_attention(q, k_cache, v_cache, positions, kv_len):
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("dtype,D", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float16, 16), (torch.bfloat16, 64), (torch.bfloat16, 128)])
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 16), (torch.float32, 64), (torch.float32, 128), (torch.bfloat16, 16),
+                                     (torch.float16, 16), (torch.bfloat16, 64), (torch.bfloat16, 128)])
 @pytest.mark.parametrize("b,T,S", [(1, 1, 7), (1, 1, 700), (3, 4, 40), (5, 1, 300), (2, 6, 1000), (1, 8, 257)])
 def test_decode_attention_matches_sdpa(dtype, D, b, T, S):
-    """Head sizes 64 and 128 in bf16 take the AVX512-BF16 kernel (attention_cpu.cpp) where the CPU has it."""
+    """Head sizes 64 and 128 in bf16 take the AVX512-BF16 kernel (attention_cpu.cpp) where the CPU
+    has it; fp32 the AVX2 kernel (attention_f32_cpu.cpp) at every head size here."""
     torch.manual_seed(b * 100 + T + S)
     H, Hkv = 6, 2
     qkv = torch.randn(b, T, H + 2 * Hkv, D, dtype=dtype)
@@ -103,7 +105,7 @@ def test_bf16_decode_with_kernels_matches_the_torch_path(model_dir, request, mon
 def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir, dtype):
     """decode_stack (one C++ call for all layers) runs the same kernels as the Python layer code:
     the same bits, for the target and its int8 (and, in bf16, int4) drafters, at decode and
-    verify shapes. fp32 layers call the module path's ATen ops from C++ (SDPA included)."""
+    verify shapes. fp32 layers call the module path's ATen ops for RMSNorm and SiLU from C++."""
     from efficientrollout.engines.native.runner import ModelRunner
     from efficientrollout.models import load_model
     from efficientrollout.speculation import Drafter

@@ -176,61 +176,25 @@ void attend_chunk(const uint16_t* qp, const int64_t* qs, const uint16_t* kp, con
 template <int D>
 void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions, int64_t kv_len,
                at::Tensor& out) {
-  const int64_t b = q.size(0), T = q.size(1), H = q.size(2), Hkv = k.size(2), Q = H * T;
-  const int64_t threads = at::get_num_threads();
-  // split each row's keys into chunks of >= 64 so that a few rows still give every core work
-  const int64_t chunks = std::max<int64_t>(1, std::min((kv_len + 63) / 64, (2 * threads + b - 1) / b));
-  const int64_t chunk = (kv_len + chunks - 1) / chunks, units = b * chunks;
+  const int64_t T = q.size(1), H = q.size(2), Hkv = k.size(2), Q = H * T;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const auto* qp = reinterpret_cast<const uint16_t*>(q.const_data_ptr<at::BFloat16>());
   const auto* kp = reinterpret_cast<const uint16_t*>(k.const_data_ptr<at::BFloat16>());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.const_data_ptr<at::BFloat16>());
-  const int64_t* pos = positions.const_data_ptr<int64_t>();
-  std::vector<int64_t> visible(b * T);  // keys 0..visible-1 are visible to query (bi, t)
-  for (int64_t i = 0; i < b * T; ++i) visible[i] = std::min(pos[i], kv_len - 1) + 1;
-  std::vector<float> part_max(units * Q), part_sum(units * Q), part_acc(units * Q * D);
-  const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
-
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(Q * ((chunk + 31) / 32 * 32) * 3 / 2);  // scores, then their bf16 pairs
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bi = unit / chunks, s0 = unit % chunks * chunk;
-      const int64_t* vis = &visible[bi * T];
-      const int64_t s1 = std::min(s0 + chunk, *std::max_element(vis, vis + T));
-      float* pm = &part_max[unit * Q];
-      float* psum = &part_sum[unit * Q];
-      float* pacc = &part_acc[unit * Q * D];
-      if (s1 <= s0) {
-        std::fill(pm, pm + Q, -std::numeric_limits<float>::infinity());
-        std::fill(psum, psum + Q, 0.f);
-        std::fill(pacc, pacc + Q * D, 0.f);
-        continue;
-      }
-      attend_chunk<D>(qp, qs.data(), kp, ks.data(), vp, vs.data(), vis, bi, T, H, Hkv, s0, s1, scale, sc.data(), pm, psum, pacc);
-    }
-  });
   auto* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());  // [b, T, H, D]
-  at::parallel_for(0, b * Q, 16, [&](int64_t begin, int64_t end) {  // merge each query's chunks
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t bi = i / Q, qi = i % Q, h = qi / T, t = qi % T;
-      float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_max[(bi * chunks + c) * Q + qi]);
-      __m512 acc[D / 16];
-      for (int d = 0; d < D / 16; ++d) acc[d] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t u = (bi * chunks + c) * Q + qi;
-        if (part_sum[u] == 0.f) continue;
-        const float w = std::exp(part_max[u] - mx);
-        sum += w * part_sum[u];
-        for (int d = 0; d < D / 16; ++d)
-          acc[d] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(&part_acc[u * D + 16 * d]), acc[d]);
-      }
-      uint16_t* dst = op + ((bi * T + t) * H + h) * D;
-      const __m512 inv = _mm512_set1_ps(1.f / sum);
-      for (int d = 0; d < D / 16; ++d)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[d], inv)));
-    }
-  });
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
+  efficientrollout::chunked_attention(
+      q.size(0), T, Q, D, positions.const_data_ptr<int64_t>(), kv_len,
+      [&](int64_t bi, int64_t s0, int64_t s1, const int64_t* visible, float* pm, float* psum, float* pacc) {
+        thread_local std::vector<float> sc;  // scores, then their bf16 pairs
+        sc.resize(std::max<size_t>(sc.size(), Q * ((s1 - s0 + 31) / 32 * 32) * 3 / 2));
+        attend_chunk<D>(qp, qs.data(), kp, ks.data(), vp, vs.data(), visible, bi, T, H, Hkv, s0, s1, scale, sc.data(), pm, psum, pacc);
+      },
+      [&](int64_t bi, int64_t qi, const float* acc, float inv) {
+        uint16_t* dst = op + ((bi * T + qi % T) * H + qi / T) * D;
+        for (int d = 0; d < D; d += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(inv))));
+      });
 }
 
 }  // namespace

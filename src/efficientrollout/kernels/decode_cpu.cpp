@@ -165,6 +165,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(p.size(0) == q.size(0) && p.size(1) == q.size(1), "positions [b, T]");
   auto out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   if (attention_bf16(q, k, v, p, kv_len, out)) return out;  // attention_cpu.cpp: the bf16 fast path
+  if (attention_f32(q, k, v, p, kv_len, out)) return out;  // attention_f32_cpu.cpp: the fp32 one
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention",
                                   [&] { attention_kernel<scalar_t>(q, k, v, p, kv_len, out); });
   return out;

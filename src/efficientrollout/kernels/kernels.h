@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -10,6 +11,7 @@
 #include <limits>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace efficientrollout {
 
@@ -49,9 +51,65 @@ inline std::pair<float, float> partial_softmax(float* row, int64_t seen, int64_t
   return {mx, sum};
 }
 
+// The frame of our decode attention kernels (attention_cpu.cpp, attention_f32_cpu.cpp): each row's
+// keys split into chunks of >= 64, so that a few rows still give every core work. A unit is one
+// row's chunk with all its heads: attend(bi, s0, s1, visible, pm, psum, pacc) leaves for each of
+// the row's Q = H*T queries (qi = h * T + t) the unnormalised partial softmax over keys s0..s1-1
+// (visible[t]: how many keys query t may see): max pm[qi], sum psum[qi], P.V pacc[qi * D ..].
+// A second pass merges each query's chunks and calls store(bi, qi, acc, 1 / sum) (acc: D floats).
+template <typename Attend, typename Store>
+void chunked_attention(int64_t b, int64_t T, int64_t Q, int64_t D, const int64_t* positions, int64_t kv_len, Attend attend,
+                       Store store) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min((kv_len + 63) / 64, (2 * threads + b - 1) / b));
+  const int64_t chunk = (kv_len + chunks - 1) / chunks, units = b * chunks;
+  std::vector<int64_t> visible(b * T);  // keys 0..visible-1 are visible to query (bi, t)
+  for (int64_t i = 0; i < b * T; ++i) visible[i] = std::min(positions[i], kv_len - 1) + 1;
+  std::vector<float> part_max(units * Q), part_sum(units * Q), part_acc(units * Q * D);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bi = unit / chunks, s0 = unit % chunks * chunk;
+      const int64_t* vis = &visible[bi * T];
+      const int64_t s1 = std::min(s0 + chunk, *std::max_element(vis, vis + T));
+      float* pm = &part_max[unit * Q];
+      float* psum = &part_sum[unit * Q];
+      float* pacc = &part_acc[unit * Q * D];
+      if (s1 <= s0) {
+        std::fill(pm, pm + Q, -std::numeric_limits<float>::infinity());
+        std::fill(psum, psum + Q, 0.f);
+        std::fill(pacc, pacc + Q * D, 0.f);
+        continue;
+      }
+      attend(bi, s0, s1, vis, pm, psum, pacc);
+    }
+  });
+  at::parallel_for(0, b * Q, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t bi = i / Q, qi = i % Q;
+      float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, part_max[(bi * chunks + c) * Q + qi]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t u = (bi * chunks + c) * Q + qi;
+        if (part_sum[u] == 0.f) continue;
+        const float w = std::exp(part_max[u] - mx);
+        sum += w * part_sum[u];
+        const float* pa = &part_acc[u * D];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * pa[d];
+      }
+      store(bi, qi, acc.data(), 1.f / sum);
+    }
+  });
+}
+
 // bf16 decode attention on AVX512-BF16 CPUs into `out`; false where it does not serve (dtype, head_dim)
 bool attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                     int64_t kv_len, at::Tensor& out);
+// fp32 decode attention on AVX2+FMA CPUs into `out`; false where it does not serve (dtype, head_dim)
+bool attention_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                   int64_t kv_len, at::Tensor& out);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                             int64_t kv_len);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);

@@ -5,9 +5,8 @@
 // Here the layer is the same sequence of kernels, called from C++. A linear is given as a
 // list: [w] (bf16 weight, bf16_gemv), [q, scale] (int8 weight, fp32 scale per row, int8_gemv)
 // or [packed, scales_and_zeros, group_size] (ATen's CPU int4 layout, _weight_int4pack_mm_for_cpu).
-// fp32 layers (CPUs without native bf16 run fp32) are the module path's ATen ops called from
-// here: an fp32 SmolLM2 step on one core 0.94-0.96x the module path's time, its int8 drafter's
-// 0.85-0.92x at batch 1-4 (AVX512-BF16 CPU, interleaved in one process).
+// fp32 layers (CPUs without native bf16 run fp32) take the same kernels but for the linears
+// (linear_f32), RMSNorm and silu * up (ATen's ops, as the module path).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,11 +20,28 @@
 
 namespace {
 
+// An fp32 linear of 1-12 rows: [w] (fp32 weight, f32_gemv) or [q, scale] (int8 weight: over bf16
+// activations where our bf16 kernels serve it, else int8_f32_gemv), as kernels/__init__.py's
+// streamed_linear_op and int8_gemv_op choose for the module path.
+at::Tensor linear_f32(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
+  if (w.size() == 1) return efficientrollout::f32_gemv(x, w[0], bias);
+  TORCH_CHECK(w.size() == 2, "an fp32 linear is [fp32 w] or [int8 q, scale]");
+  if (efficientrollout::bf16_gemv_available() && x.size(1) % 32 == 0)
+    return efficientrollout::int8_gemv(x.to(at::kBFloat16), w[0], w[1], bias).to(at::kFloat);
+  return efficientrollout::int8_f32_gemv(x, w[0], w[1], bias);
+}
+
 at::Tensor linear(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
+  if (x.scalar_type() == at::kFloat) return linear_f32(x, w, bias);
   if (w.size() == 1) return efficientrollout::bf16_gemv(x, w[0], bias);
   if (w.size() == 2) return efficientrollout::int8_gemv(x, w[0], w[1], bias);
   TORCH_CHECK(w.size() == 3 && !bias.has_value(), "a linear is [bf16 w], [int8 q, scale] or [int4 packed, scales_and_zeros, group_size]");
   return at::_weight_int4pack_mm_for_cpu(x, w[0], w[2].item<int64_t>(), w[1]);
+}
+
+// RMSNorm as models/decoder.py's rms_norm: ATen's fused op in fp32, ours (the reference op order) in bf16
+at::Tensor norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return x.scalar_type() == at::kFloat ? at::rms_norm(x, {x.size(-1)}, w, eps) : efficientrollout::rms_norm(x, w, eps);
 }
 
 #if defined(__AVX512BF16__)
@@ -43,9 +59,11 @@ inline __m512 exp_nonpositive16(__m512 x) {
 inline __m512 load16(const at::BFloat16* p) { return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 #endif
 
-// silu(gate) * up over [n, 2I] → [n, I], rounding like the two bf16 ops it replaces
+// silu(gate) * up over [n, 2I] → [n, I], rounding like the two bf16 ops it replaces (fp32: those
+// two ATen ops, as the module path calls them)
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t n = gate_up.size(0), I = gate_up.size(1) / 2;
+  if (gate_up.scalar_type() == at::kFloat) return at::silu(gate_up.narrow(1, 0, I)) * gate_up.narrow(1, I, I);
   auto out = at::empty({n, I}, gate_up.options());
   const auto* g = gate_up.const_data_ptr<at::BFloat16>();
   auto* o = out.mutable_data_ptr<at::BFloat16>();
@@ -78,63 +96,27 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
                         at::TensorList gate_up, at::TensorList down, const at::Tensor& cos, const at::Tensor& sin,
                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& rows, const at::Tensor& positions,
                         int64_t kv_len, int64_t num_heads) {
-  // x [b*T, hidden] bf16; cos/sin [b, T, D]; caches [slots, S, Hkv, D]; positions [b, T] → [b*T, hidden]
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && positions.dim() == 2, "x [b*T, hidden] bf16");
+  // x [b*T, hidden] bf16 or fp32; cos/sin [b, T, D]; caches [slots, S, Hkv, D]; positions [b, T] → [b*T, hidden]
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && positions.dim() == 2,
+              "x [b*T, hidden] bf16 or fp32");
   const int64_t b = positions.size(0), T = positions.size(1), D = k_cache.size(3), Hkv = k_cache.size(2);
   TORCH_CHECK(x.size(0) == b * T, "x rows must be b*T");
-  auto h = efficientrollout::rms_norm(x, input_norm, eps);
+  auto h = norm(x, input_norm, eps);
   auto qkv_out = linear(h, qkv, qkv_bias).view({b, T, num_heads + 2 * Hkv, D});
   auto q = efficientrollout::rope_and_cache(qkv_out, cos, sin, k_cache, v_cache, rows, positions, num_heads);
   auto attn = efficientrollout::decode_attention(q, k_cache, v_cache, positions, kv_len).view({b * T, num_heads * D});
   auto x1 = at::add(x, linear(attn, o, c10::nullopt));
-  auto act = silu_mul(linear(efficientrollout::rms_norm(x1, post_norm, eps), gate_up, c10::nullopt));
+  auto act = silu_mul(linear(norm(x1, post_norm, eps), gate_up, c10::nullopt));
   return at::add(x1, linear(act, down, c10::nullopt));
-}
-
-// An fp32 linear of 1-12 rows: [w] (fp32 weight, f32_gemv) or [q, scale] (int8 weight: over bf16
-// activations where our bf16 kernels serve it, else int8_f32_gemv), as kernels/__init__.py's
-// streamed_linear_op and int8_gemv_op choose for the module path.
-at::Tensor linear_f32(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
-  if (w.size() == 1) return efficientrollout::f32_gemv(x, w[0], bias);
-  TORCH_CHECK(w.size() == 2, "an fp32 linear is [fp32 w] or [int8 q, scale]");
-  if (efficientrollout::bf16_gemv_available() && x.size(1) % 32 == 0)
-    return efficientrollout::int8_gemv(x.to(at::kBFloat16), w[0], w[1], bias).to(at::kFloat);
-  return efficientrollout::int8_f32_gemv(x, w[0], w[1], bias);
-}
-
-// The fp32 layer: the module path's ATen ops (models/decoder.py, Layer.forward with SDPA), called
-// from C++. cos/sin [b, T, D]; mask [b, 1, T, kv_len]; caches [slots, S, Hkv, D].
-at::Tensor decode_layer_f32(const at::Tensor& x, const at::Tensor& input_norm, const at::Tensor& post_norm, double eps,
-                            at::TensorList qkv, const c10::optional<at::Tensor>& qkv_bias, at::TensorList o,
-                            at::TensorList gate_up, at::TensorList down, const at::Tensor& cos, const at::Tensor& sin,
-                            at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& rows, const at::Tensor& positions,
-                            const at::Tensor& mask, int64_t kv_len, int64_t num_heads) {
-  const int64_t b = positions.size(0), T = positions.size(1), D = k_cache.size(3), Hkv = k_cache.size(2), hidden = x.size(1);
-  auto h = at::rms_norm(x, {hidden}, input_norm, eps);
-  auto qkv_out = linear_f32(h, qkv, qkv_bias).view({b, T, num_heads + 2 * Hkv, D});
-  auto qk = qkv_out.narrow(2, 0, num_heads + Hkv), v = qkv_out.narrow(2, num_heads + Hkv, Hkv);
-  auto swapped = qk.view({b, T, num_heads + Hkv, 2, D / 2}).flip(-2).view({b, T, num_heads + Hkv, D});
-  auto roped = qk * cos.unsqueeze(2) + swapped * sin.unsqueeze(2);
-  auto q = roped.narrow(2, 0, num_heads), k = roped.narrow(2, num_heads, Hkv);
-  auto rows_bt = rows.unsqueeze(1).expand({b, T});
-  k_cache.index_put_({rows_bt, positions}, k);
-  v_cache.index_put_({rows_bt, positions}, v);
-  auto keys = k_cache.narrow(0, 0, b).narrow(1, 0, kv_len).transpose(1, 2), values = v_cache.narrow(0, 0, b).narrow(1, 0, kv_len).transpose(1, 2);
-  auto attn = at::scaled_dot_product_attention(q.transpose(1, 2), keys, values, mask, 0.0, false, c10::nullopt, true).transpose(1, 2);
-  auto x1 = x + linear_f32(attn.reshape({b * T, num_heads * D}), o, c10::nullopt);
-  auto gu = linear_f32(at::rms_norm(x1, {hidden}, post_norm, eps), gate_up, c10::nullopt).chunk(2, -1);
-  return x1 + linear_f32(at::silu(gu[0]) * gu[1], down, c10::nullopt);
 }
 
 // All layers in one call: the interpreter and the dispatcher cost ~15 us per op call, 0.45 ms
 // per SmolLM2 step with one call per layer. `weights` holds each layer's tensors in order:
 // input_norm, post_norm, the qkv bias if any, then the qkv, o, gate_up and down linears;
 // `counts` holds 5 ints per layer: has-bias and the number of tensors of each linear.
-// fp32 layers (`mask` given) run decode_layer_f32, bf16 ones decode_layer.
 at::Tensor decode_stack(const at::Tensor& x, at::TensorList weights, at::IntArrayRef counts, double eps,
                         const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache,
-                        const at::Tensor& rows, const at::Tensor& positions, int64_t kv_len, int64_t num_heads,
-                        const c10::optional<at::Tensor>& mask) {
+                        const at::Tensor& rows, const at::Tensor& positions, int64_t kv_len, int64_t num_heads) {
   // caches [layers, slots, S, Hkv, D]
   TORCH_CHECK(counts.size() % 5 == 0 && static_cast<int64_t>(counts.size()) / 5 == k_cache.size(0), "5 counts per layer");
   auto h = x;
@@ -149,12 +131,8 @@ at::Tensor decode_stack(const at::Tensor& x, at::TensorList weights, at::IntArra
     at += 2 + c[0];
     auto take = [&](int64_t n) { auto w = weights.slice(at, n); at += n; return w; };
     const auto qkv = take(c[1]), o = take(c[2]), gate_up = take(c[3]), down = take(c[4]);
-    if (mask.has_value())
-      h = decode_layer_f32(h, input_norm, post_norm, eps, qkv, bias, o, gate_up, down, cos, sin, k_cache.select(0, layer),
-                           v_cache.select(0, layer), rows, positions, *mask, kv_len, num_heads);
-    else
-      h = decode_layer(h, input_norm, post_norm, eps, qkv, bias, o, gate_up, down, cos, sin, k_cache.select(0, layer),
-                       v_cache.select(0, layer), rows, positions, kv_len, num_heads);
+    h = decode_layer(h, input_norm, post_norm, eps, qkv, bias, o, gate_up, down, cos, sin, k_cache.select(0, layer),
+                     v_cache.select(0, layer), rows, positions, kv_len, num_heads);
   }
   return h;
 }
@@ -163,7 +141,7 @@ at::Tensor decode_stack(const at::Tensor& x, at::TensorList weights, at::IntArra
 
 TORCH_LIBRARY_FRAGMENT(efficientrollout, m) {
   m.def("decode_stack(Tensor x, Tensor[] weights, int[] counts, float eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor rows, Tensor positions, int kv_len, int num_heads, Tensor? mask=None) -> Tensor");
+        "Tensor(b!) v_cache, Tensor rows, Tensor positions, int kv_len, int num_heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(efficientrollout, CPU, m) {
