@@ -105,7 +105,7 @@ def test_bf16_decode_with_kernels_matches_the_torch_path(model_dir, request, mon
 def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir, dtype):
     """decode_stack (one C++ call for all layers) runs the same kernels as the Python layer code:
     the same bits, for the target and its int8 (and, in bf16, int4) drafters, at decode and
-    verify shapes. fp32 layers call the module path's ATen ops for RMSNorm and SiLU from C++."""
+    verify shapes. fp32 layers call the module path's ATen ops for SiLU from C++."""
     from efficientrollout.engines.native.runner import ModelRunner
     from efficientrollout.models import load_model
     from efficientrollout.speculation import Drafter

@@ -6,7 +6,7 @@
 // list: [w] (bf16 weight, bf16_gemv), [q, scale] (int8 weight, fp32 scale per row, int8_gemv)
 // or [packed, scales_and_zeros, group_size] (ATen's CPU int4 layout, _weight_int4pack_mm_for_cpu).
 // fp32 layers (CPUs without native bf16 run fp32) take the same kernels but for the linears
-// (linear_f32), RMSNorm and silu * up (ATen's ops, as the module path).
+// (linear_f32) and silu * up (ATen's two ops, as the module path).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -37,11 +37,6 @@ at::Tensor linear(const at::Tensor& x, at::TensorList w, const c10::optional<at:
   if (w.size() == 2) return efficientrollout::int8_gemv(x, w[0], w[1], bias);
   TORCH_CHECK(w.size() == 3 && !bias.has_value(), "a linear is [bf16 w], [int8 q, scale] or [int4 packed, scales_and_zeros, group_size]");
   return at::_weight_int4pack_mm_for_cpu(x, w[0], w[2].item<int64_t>(), w[1]);
-}
-
-// RMSNorm as models/decoder.py's rms_norm: ATen's fused op in fp32, ours (the reference op order) in bf16
-at::Tensor norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  return x.scalar_type() == at::kFloat ? at::rms_norm(x, {x.size(-1)}, w, eps) : efficientrollout::rms_norm(x, w, eps);
 }
 
 #if defined(__AVX512BF16__)
@@ -101,12 +96,12 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& input_norm, const
               "x [b*T, hidden] bf16 or fp32");
   const int64_t b = positions.size(0), T = positions.size(1), D = k_cache.size(3), Hkv = k_cache.size(2);
   TORCH_CHECK(x.size(0) == b * T, "x rows must be b*T");
-  auto h = norm(x, input_norm, eps);
+  auto h = efficientrollout::rms_norm(x, input_norm, eps);
   auto qkv_out = linear(h, qkv, qkv_bias).view({b, T, num_heads + 2 * Hkv, D});
   auto q = efficientrollout::rope_and_cache(qkv_out, cos, sin, k_cache, v_cache, rows, positions, num_heads);
   auto attn = efficientrollout::decode_attention(q, k_cache, v_cache, positions, kv_len).view({b * T, num_heads * D});
   auto x1 = at::add(x, linear(attn, o, c10::nullopt));
-  auto act = silu_mul(linear(norm(x1, post_norm, eps), gate_up, c10::nullopt));
+  auto act = silu_mul(linear(efficientrollout::rms_norm(x1, post_norm, eps), gate_up, c10::nullopt));
   return at::add(x1, linear(act, down, c10::nullopt));
 }
 

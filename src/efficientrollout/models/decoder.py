@@ -30,10 +30,10 @@ _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.device.type == "cpu" and (kernels := cpu_ops()) is not None:  # one kernel, bit-identical to below (bf16)
+        return kernels.rms_norm(x, weight, eps)  # (fp32: ATen's "fused" rms_norm is ~8 ops, 14 us a call, 0.8 ms a step)
     if x.dtype == torch.float32:  # one fused kernel; same math as below
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    if x.device.type == "cpu" and (kernels := cpu_ops()) is not None:  # one kernel, bit-identical to below
-        return kernels.rms_norm(x, weight, eps)
     if x.is_cuda:  # the same order in 4 kernels instead of 8 (CUDA-graph step 2-6% faster, H200)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
     # Reference op order for low precision: normalise in fp32, cast back, then scale.
