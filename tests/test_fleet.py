@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import tempfile
 
 import httpx
 import msgspec
@@ -216,3 +217,18 @@ def test_two_workers_one_version_bump_results_match_the_wave_version(tmp_path, t
         assert set(per_engine) == {"engine-1", "engine-2"}
         assert all(v == sorted(v) for v in per_engine.values())  # versions never go back
         wait_for(lambda: {q.engine_version("engine-1"), q.engine_version("engine-2")} == {1}, 30, "both engines on version 1")
+
+
+def test_a_fleet_removes_the_directory_it_made_unless_it_failed(redis_server, tmp_path, monkeypatch):
+    """Without a workdir the fleet's policy store (every version kept: GBs for a real model) and
+    logs live in a temporary directory: gone after a clean stop, kept (with its logs) after a failure."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp makes it
+    with Fleet(0, redis_url=redis_server.url) as f:
+        PolicyPublisher(f.policy_url, f.token).publish({"w": torch.ones(4)})
+        made = f.workdir
+        assert made.parent == tmp_path and any((made / "policies").iterdir())
+    assert not made.exists()
+    with pytest.raises(RuntimeError, match="trainer crashed"):
+        with Fleet(0, redis_url=redis_server.url) as f:
+            raise RuntimeError("trainer crashed")
+    assert (f.workdir / "logs" / "policy-server.log").exists()

@@ -119,6 +119,7 @@ def _run_fleet(a: argparse.Namespace, engine_args: list[str]) -> None:
                   engine_args=engine_args)
     print(f"starting: {a.engines} engine(s); logs in {fleet.workdir / 'logs'}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop drains the fleet like Ctrl-C does
+    failed = False
     try:
         fleet.start()
         print(f"redis   {fleet.redis_url}\npolicy  {fleet.policy_url}  (publish token: {fleet.token}; read token: {fleet.read_token})\n"
@@ -128,9 +129,12 @@ def _run_fleet(a: argparse.Namespace, engine_args: list[str]) -> None:
             time.sleep(a.interval)
     except KeyboardInterrupt:
         pass
+    except BaseException:
+        failed = True
+        raise
     finally:
         print("stopping the fleet", file=sys.stderr)
-        fleet.stop()
+        fleet.stop(failed=failed)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -182,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="arguments after -- go to every engine, e.g. -- --speculation plain")
     fl.add_argument("--engines", type=int, default=1)
     fl.add_argument("--redis", default=None, help="use this Redis instead of an embedded one")
-    fl.add_argument("--workdir", default=None, help="logs, policy store and embedded Redis data")
+    fl.add_argument("--workdir", default=None, help="logs, policy store and embedded Redis data (default: a temporary "
+                    "directory, removed when the fleet stops)")
     fl.add_argument("--policy-port", type=int, default=8700)
     fl.add_argument("--prefix", default="er")
     fl.add_argument("--interval", type=float, default=5.0, help="seconds between status views")

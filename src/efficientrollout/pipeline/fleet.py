@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,9 @@ class Fleet:
                  prefix: str = "er", policy_port: int | None = None, token: str | None = None, read_token: str | None = None,
                  engine_args: list[str] = (), threads_per_engine: int | None = None, engine_cpus: set[int] | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efficientrollout-fleet."))
+        # made here: a clean stop removes it (its policy store holds every version kept, GBs),
+        # a failure keeps it for its logs
+        self.temporary = workdir is None
         self.n_engines, self.prefix, self.engine_args = engines, prefix, list(engine_args)
         self.keys = RedisKeys(prefix)
         self.token = token or secrets.token_urlsafe(24)  # publishes (the trainer)
@@ -109,7 +113,8 @@ class Fleet:
 
         self._wait(ready, timeout, f"every engine on version {version}", interval=0.02)
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = 60.0, failed: bool = False) -> None:
+        """Stop every process; then remove the workdir if the fleet made it, unless `failed`."""
         for proc in self.engines:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -127,12 +132,16 @@ class Fleet:
             self._redis = None
         if self.redis_server:
             self.redis_server.stop()
+        if self.temporary and not failed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        elif self.temporary:
+            print(f"fleet stopped after a failure; its logs: {self.workdir / 'logs'}", file=sys.stderr)
 
     def __enter__(self) -> "Fleet":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.stop(failed=exc_type is not None and not issubclass(exc_type, KeyboardInterrupt))
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, cpus: set[int] | None = None) -> subprocess.Popen:
         log = open(self.workdir / "logs" / f"{name}.log", "ab")

@@ -117,6 +117,8 @@ class EngineService:
             except _REDIS_DOWN:
                 pass
             await self.queue.close()
+        if not self.config.download_dir:  # the temporary one made for this process (downloads are removed once loaded)
+            shutil.rmtree(self._downloads, ignore_errors=True)
         log.info("engine %s stopped after %d waves", self.engine.engine_id, self.metrics.waves)
 
     def stop(self, now: bool = False) -> None:
