@@ -43,7 +43,11 @@ def test_packed_kernels_hand_large_batches_to_fbgemm_over_the_same_int8_weights(
     x = torch.randn(n + 1, 128, dtype=torch.bfloat16)
     fbgemm = QuantLinear(target, "fbgemm")
     if "fbgemm" in torch.backends.quantized.supported_engines:
+        assert q.wide is None  # packed on first use, not at every weight update
         assert torch.equal(q(x), fbgemm(x))  # beyond the packed kernel's rows: the FBGEMM path
+        assert q.wide is not None
+        q.requantize()
+        assert q.wide is None
     else:
         assert torch.equal(q(x), target(x))
     assert not torch.equal(q(x[:n]), fbgemm(x[:n]))  # within them: the packed kernel itself

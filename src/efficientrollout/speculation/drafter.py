@@ -130,18 +130,12 @@ class QuantLinear(nn.Module):
         if self.kernel not in ("fbgemm", "int8pack", "int4pack"):  # torchao's int8 tensor
             self.weight = Int8Tensor.from_hp(w, granularity=PerRow())
             return
-        # FBGEMM, and the packed CPU kernels' FBGEMM copy, take these int8 weights
-        q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
-        scale = q.scale.reshape(-1).float()
-        on_cpu = w.device.type == "cpu"
-        if self.kernel == "fbgemm" or (on_cpu and self.kernel in PACKED_MAX_ROWS and "fbgemm" in torch.backends.quantized.supported_engines):
-            qt = torch._make_per_channel_quantized_tensor(
-                q.qdata.contiguous(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0
-            )
-            self.wide = torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
         if self.kernel == "fbgemm":
-            self.weight = self.wide
-        elif self.kernel == "int8pack":
+            self.weight = _fbgemm_pack(w, bias)
+            return
+        if self.kernel == "int8pack":
+            q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
+            scale = q.scale.reshape(-1).float()
             self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
             self.gemv_op = int8_gemv_op(w)
             if self.gemv_op is not None:  # our int8 kernels: int8 weight, fp32 scale per row
@@ -169,7 +163,7 @@ class QuantLinear(nn.Module):
                 return self.gemv_op(rows, *self.gemv, self.bias).view(*lead, -1)
             slow = self.kernel == "int8pack" and x.dtype == torch.float32  # ATen's int8pack with fp32 activations: 3-9x the target
             if x.device.type == "cpu" and (rows.shape[0] > PACKED_MAX_ROWS[self.kernel] or slow):
-                return self._source[0](x) if self.wide is None else _fbgemm_linear(x, self.wide)
+                return self._source[0](x) if self._wide() is None else _fbgemm_linear(x, self.wide)
             if self.kernel == "int8pack":
                 y = torch._weight_int8pack_mm(rows.contiguous(), *self.weight)
             else:
@@ -180,6 +174,15 @@ class QuantLinear(nn.Module):
         if self.kernel == "int4":
             return F.linear(x.bfloat16(), self.weight, None if self.bias is None else self.bias.bfloat16()).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
+
+    def _wide(self):
+        """The packed CPU kernels' FBGEMM copy for batches beyond their range (None: no FBGEMM
+        here), made on first use: packing it was 60% of a re-quantization (SmolLM2 in fp32 on
+        one core, 0.7 s of which linear_prepack 0.4), paid at every weight update, and the gate
+        rarely drafts that many rows."""
+        if self.wide is None and "fbgemm" in torch.backends.quantized.supported_engines:
+            self.wide = _fbgemm_pack(self._source[0].weight.detach(), self.bias)
+        return self.wide
 
     def copy_(self, other: "QuantLinear") -> None:
         """Take `other`'s quantized weights into this layer's own tensors, in place: a CUDA graph
@@ -255,6 +258,16 @@ def _dynamic_mm(x: Tensor, w: Tensor, w_scale: Tensor, kernel: str) -> Tensor:
 # u8 x s8 products may saturate a 16-bit sum at 8 bits. With VNNI they cannot, and 8 bits
 # lifted the fp32 drafter's acceptance at batch 16 from 0.65 to 0.75 (SmolLM2, K = 4).
 _FBGEMM_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
+
+
+def _fbgemm_pack(w: Tensor, bias: Tensor | None):
+    """FBGEMM's packed int8 weights (per row, symmetric: torchao's int8 rows) for `w` [N, K]."""
+    from torchao.quantization import Int8Tensor, PerRow
+
+    q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
+    scale = q.scale.reshape(-1).double()
+    qt = torch._make_per_channel_quantized_tensor(q.qdata.contiguous(), scale, torch.zeros_like(scale, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
 
 
 def _fbgemm_linear(x: Tensor, packed) -> Tensor:
