@@ -130,13 +130,15 @@ class QuantLinear(nn.Module):
         if self.kernel not in ("fbgemm", "int8pack", "int4pack"):  # torchao's int8 tensor
             self.weight = Int8Tensor.from_hp(w, granularity=PerRow())
             return
+        # FBGEMM, and the packed CPU kernels' FBGEMM copy (packed on first use: _wide), take these int8 weights
+        q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
+        qdata, scale = q.qdata.contiguous(), q.scale.reshape(-1).float()
         if self.kernel == "fbgemm":
-            self.weight = _fbgemm_pack(w, bias)
+            self.weight = _fbgemm_pack(qdata, scale, bias)
             return
+        self.int8_rows = qdata, scale  # not the source's weight: the SGLang worker's may be gone by then
         if self.kernel == "int8pack":
-            q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
-            scale = q.scale.reshape(-1).float()
-            self.weight = (q.qdata.contiguous(), scale.to(w.dtype))
+            self.weight = (qdata, scale.to(w.dtype))
             self.gemv_op = int8_gemv_op(w)
             if self.gemv_op is not None:  # our int8 kernels: int8 weight, fp32 scale per row
                 self.gemv = [self.weight[0], scale.contiguous()]
@@ -181,7 +183,7 @@ class QuantLinear(nn.Module):
         one core, 0.7 s of which linear_prepack 0.4), paid at every weight update, and the gate
         rarely drafts that many rows."""
         if self.wide is None and "fbgemm" in torch.backends.quantized.supported_engines:
-            self.wide = _fbgemm_pack(self._source[0].weight.detach(), self.bias)
+            self.wide = _fbgemm_pack(*self.int8_rows, self.bias)
         return self.wide
 
     def copy_(self, other: "QuantLinear") -> None:
@@ -192,7 +194,7 @@ class QuantLinear(nn.Module):
             self.weight = other.weight
         elif not (_copy_into(self.weight, other.weight) and _copy_into(self.gemv, other.gemv)):
             raise ValueError(f"the {self.kernel} drafter's weights cannot be refreshed in place")
-        self.wide = getattr(other, "wide", None)
+        self.wide, self.int8_rows = getattr(other, "wide", None), getattr(other, "int8_rows", None)
 
     def gemv_weights(self) -> list[Tensor] | None:
         """The weights as `decode_layer` takes them, where our kernels serve this linear."""
@@ -260,13 +262,9 @@ def _dynamic_mm(x: Tensor, w: Tensor, w_scale: Tensor, kernel: str) -> Tensor:
 _FBGEMM_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
 
 
-def _fbgemm_pack(w: Tensor, bias: Tensor | None):
-    """FBGEMM's packed int8 weights (per row, symmetric: torchao's int8 rows) for `w` [N, K]."""
-    from torchao.quantization import Int8Tensor, PerRow
-
-    q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
-    scale = q.scale.reshape(-1).double()
-    qt = torch._make_per_channel_quantized_tensor(q.qdata.contiguous(), scale, torch.zeros_like(scale, dtype=torch.long), 0)
+def _fbgemm_pack(qdata: Tensor, scale: Tensor, bias: Tensor | None):
+    """FBGEMM's packed weights for int8 rows `qdata` [N, K] with a scale each (symmetric)."""
+    qt = torch._make_per_channel_quantized_tensor(qdata, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
     return torch.ops.quantized.linear_prepack(qt, None if bias is None else bias.float())
 
 
