@@ -44,9 +44,10 @@ def test_packed_kernels_hand_large_batches_to_fbgemm_over_the_same_int8_weights(
     fbgemm = QuantLinear(target, "fbgemm")
     if "fbgemm" in torch.backends.quantized.supported_engines:
         assert q.wide is None  # packed on first use, not at every weight update
-        q._source = (None,)  # from the int8 rows it keeps: the SGLang worker's source weight may be gone by then
+        source, q._source = q._source, (None,)  # from the int8 rows it keeps: the SGLang worker's source weight may be gone by then
         assert torch.equal(q(x), fbgemm(x))  # beyond the packed kernel's rows: the FBGEMM path
         assert q.wide is not None
+        q._source = source
         q.requantize()
         assert q.wide is None
     else:
