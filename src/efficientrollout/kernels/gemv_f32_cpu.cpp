@@ -6,9 +6,9 @@
 // code on AVX2-only CPUs) streams them at 34-39 GB/s: all 120 layer linears 12.5 vs 15.4 ms at
 // 1 row, 11.0 vs 17.6 ms at 4. Each weight row is prefetched at its place in the next block of
 // R rows: a fixed 2 KB ahead fell inside the block being read (8 fp32 rows of SmolLM2's
-// 576-wide layers span 18 KB), and with cold weights (160 copies of SmolLM2's four layer linears, one thread) the
-// kernel then took 1.4x / 1.7x / 1.5x as long at 1 / 2 / 4 rows; an fp32 engine step on one
-// core, batch 1-4, went from 33-48 to 25-37 ms (bench_step, AVX512-BF16 CPU, 2026-11-26).
+// 576-wide layers span 18 KB), and with cold weights (160 copies of SmolLM2's four layer
+// linears, one thread) the kernel then took 1.4x / 1.7x / 1.5x as long at 1 / 2 / 4 rows; an
+// fp32 engine step on one core, batch 1-4, went from 33-48 to 25-37 ms (bench_step, AVX512-BF16 CPU, 2026-11-26).
 // Beyond 2 rows the FMAs bound it: tiles of R weight rows x MB input rows (R*MB = 12; a tile of 1
 // weight row x 8 or 12 input rows loaded 9 or 13 vectors per 8 or 12 FMAs, and 5-7 rows ran the
 // 8-row tile) took the 120 linears from 19 / 25 / 36 ms to 14.5 / 22 / 30 ms at 3-4 / 8 / 12
@@ -18,7 +18,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "kernels.h"
 
@@ -26,7 +25,6 @@
 #include <immintrin.h>
 
 namespace {
-
 
 // 8 weights as fp32: fp32 as they are, int8 converted exactly
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
