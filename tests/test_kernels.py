@@ -131,27 +131,34 @@ def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir, dty
             assert torch.equal(fused, slow)
 
 
+# rows: every tile choice; width 96 runs the 16-lane tiles where the CPU has AVX-512, 40 (not a
+# multiple of 16) the 8-lane ones everywhere; 200 outputs leave a remainder after 3, 6 or 8
 @pytest.mark.skipif(OPS is None or not OPS.f32_gemv_available(), reason="the fp32 streamed linear needs AVX2 and FMA")
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 12])
-def test_f32_streamed_linear_matches_f_linear(rows):
+@pytest.mark.parametrize("width", [96, 40])
+@pytest.mark.parametrize("rows", range(1, 13))
+def test_f32_streamed_linear_matches_f_linear(rows, width):
     torch.manual_seed(rows)
-    x, w, bias = torch.randn(rows, 96), torch.randn(200, 96), torch.randn(200)
+    x, w, bias = torch.randn(rows, width), torch.randn(200, width), torch.randn(200)
     for b in (None, bias):
         torch.testing.assert_close(OPS.f32_gemv(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
     with pytest.raises(RuntimeError, match="1-12 rows"):
-        OPS.f32_gemv(torch.randn(13, 96), w, None)
+        OPS.f32_gemv(torch.randn(13, width), w, None)
 
 
 @pytest.mark.skipif(OPS is None or not OPS.f32_gemv_available(), reason="the fp32 streamed linear needs AVX2 and FMA")
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 12])
-def test_int8_weights_with_fp32_activations_match_the_dequantized_linear(rows):
-    """An fp32 target's int8 drafter on CPUs without AVX512-BF16: int8 weights, a scale per
-    output row, activations kept in fp32."""
+@pytest.mark.parametrize("width", [96, 40])
+@pytest.mark.parametrize("rows", range(1, 13))
+def test_int8_weights_with_fp32_activations_match_the_dequantized_linear(rows, width):
+    """An fp32 target's int8 drafter: int8 weights, a scale per output row, activations kept in
+    fp32 (int8_f32_gemv), or cast to bf16 where that kernel is faster (int8_linear_f32)."""
     torch.manual_seed(rows)
-    x, q = torch.randn(rows, 96), torch.randint(-127, 128, (200, 96), dtype=torch.int8)
+    x, q = torch.randn(rows, width), torch.randint(-127, 128, (200, width), dtype=torch.int8)
     scale, bias = torch.rand(200) / 100, torch.randn(200)
     for b in (None, bias):
-        torch.testing.assert_close(OPS.int8_f32_gemv(x, q, scale, b), F.linear(x, q.float() * scale[:, None], b), atol=1e-4, rtol=1e-4)
+        want = F.linear(x, q.float() * scale[:, None], b)
+        torch.testing.assert_close(OPS.int8_f32_gemv(x, q, scale, b), want, atol=1e-4, rtol=1e-4)
+        mixed = OPS.int8_linear_f32(x, q, scale, b)  # bf16 activations have 8 bits: 2^-9 relative error each
+        assert (mixed - want).abs().max() <= 1e-2 * want.abs().max()
 
 
 def test_a_built_kernel_loads_past_a_build_lock_left_by_a_killed_process(tmp_path):

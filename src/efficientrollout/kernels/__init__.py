@@ -74,17 +74,14 @@ def gemv_ops(weight: torch.Tensor):
 def int8_gemv_op(weight: torch.Tensor):
     """Our kernel for 1-12 rows of an int8 copy of `weight` (int8 rows, an fp32 scale each), in
     and out in `weight`'s dtype, or None. bf16: `int8_gemv` (AVX512-BF16 CPUs, rows a multiple
-    of 32 wide). fp32: the same kernel over bf16 activations where it serves, else
-    `int8_f32_gemv` (AVX2+FMA CPUs, rows a multiple of 8 wide)."""
+    of 32 wide). fp32: `int8_linear_f32` (AVX2+FMA CPUs, rows a multiple of 8 wide), which runs
+    `int8_f32_gemv` over the fp32 activations, or on AVX512-BF16 CPUs from 7 rows the bf16
+    kernel over bf16 copies of them, whichever is faster there (layer_cpu.cpp)."""
     if weight.device.type != "cpu" or (kernels := cpu_ops()) is None:
         return None
-    width = weight.shape[-1]
-    if kernels.bf16_gemv_available() and width % 32 == 0:
-        if weight.dtype == torch.bfloat16:
-            return kernels.int8_gemv
-        if weight.dtype == torch.float32:
-            return lambda x, q, scale, bias: kernels.int8_gemv(x.bfloat16(), q, scale, bias).float()
-    return None if (kernels := _f32_ops(weight)) is None else kernels.int8_f32_gemv
+    if weight.dtype == torch.bfloat16:
+        return kernels.int8_gemv if kernels.bf16_gemv_available() and weight.shape[-1] % 32 == 0 else None
+    return None if (kernels := _f32_ops(weight)) is None else kernels.int8_linear_f32
 
 
 def _f32_ops(weight: torch.Tensor):

@@ -20,15 +20,27 @@
 
 namespace {
 
-// An fp32 linear of 1-12 rows: [w] (fp32 weight, f32_gemv) or [q, scale] (int8 weight: over bf16
-// activations where our bf16 kernels serve it, else int8_f32_gemv), as kernels/__init__.py's
-// streamed_linear_op and int8_gemv_op choose for the module path.
+// An fp32 target's int8 drafter linear, 1-12 rows: int8_f32_gemv (fp32 activations), except
+// where the bf16 kernel over bf16 copies of them is faster: AVX512-BF16 CPUs from 7 rows
+// (SmolLM2's 120 layer linears, cold, one core: fp32 activations 3.3-4.2 / 4.7-5.0 / 6.1 / 6.7-6.9
+// ms at 1-2 / 4 / 5 / 6 rows, bf16 with the casts 4.1-5.0 / 6.3-6.4 / 6.2-6.8 / 6.6-6.9; at 7 /
+// 8 / 10 rows 8.7 / 8.8 / 12.8 against 6.8 / 7.5 / 10.7).
+at::Tensor int8_linear_f32(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
+  bool bf16 = efficientrollout::bf16_gemv_available() && x.size(1) % 32 == 0;
+#if defined(__AVX512F__)
+  bf16 = bf16 && x.size(0) > 6;
+#endif
+  if (bf16) return efficientrollout::int8_gemv(x.to(at::kBFloat16), q, scale, bias).to(at::kFloat);
+  return efficientrollout::int8_f32_gemv(x, q, scale, bias);
+}
+
+// An fp32 linear of 1-12 rows: [w] (fp32 weight, f32_gemv) or [q, scale] (int8 weight,
+// int8_linear_f32), as kernels/__init__.py's streamed_linear_op and int8_gemv_op choose for the
+// module path.
 at::Tensor linear_f32(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
   if (w.size() == 1) return efficientrollout::f32_gemv(x, w[0], bias);
   TORCH_CHECK(w.size() == 2, "an fp32 linear is [fp32 w] or [int8 q, scale]");
-  if (efficientrollout::bf16_gemv_available() && x.size(1) % 32 == 0)
-    return efficientrollout::int8_gemv(x.to(at::kBFloat16), w[0], w[1], bias).to(at::kFloat);
-  return efficientrollout::int8_f32_gemv(x, w[0], w[1], bias);
+  return int8_linear_f32(x, w[0], w[1], bias);
 }
 
 at::Tensor linear(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
@@ -137,8 +149,10 @@ at::Tensor decode_stack(const at::Tensor& x, at::TensorList weights, at::IntArra
 TORCH_LIBRARY_FRAGMENT(efficientrollout, m) {
   m.def("decode_stack(Tensor x, Tensor[] weights, int[] counts, float eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor rows, Tensor positions, int kv_len, int num_heads) -> Tensor");
+  m.def("int8_linear_f32(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(efficientrollout, CPU, m) {
   m.impl("decode_stack", &decode_stack);
+  m.impl("int8_linear_f32", &int8_linear_f32);
 }

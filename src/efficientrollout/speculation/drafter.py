@@ -16,10 +16,11 @@ But FBGEMM quantizes every call's activations to int8 (per tensor, 7 bits), and 
 hidden states have outlier channels: an fp32 engine's drafts were accepted 0.79 of the time at
 batch 1 and 0.65 at 16 (temperature 1, K = 4), where weight-only int8 (fp32 activations) gave
 0.92 / 0.93. So at 1-12 rows (where speculation pays) fp32 targets draft with our int8 GEMV
-(`int8_gemv_op`): on AVX512-BF16 CPUs over bf16 activations (0.91 accepted; a drafter step
-0.40 / 0.42 / 0.48 / 0.52 of the target's at batch 1 / 2 / 4 / 8 on one core, FBGEMM's 0.42 /
-0.43 / 0.45 / 0.47), elsewhere over fp32 activations (`int8_f32_gemv`, AVX2: 0.92 accepted,
-0.49 / 0.67 / 0.57 / 0.75, measured running that code on the AVX512 CPU); FBGEMM beyond.
+(`int8_gemv_op`): over fp32 activations (`int8_f32_gemv`, 0.92 accepted), on AVX512-BF16 CPUs
+from 7 rows over bf16 copies of them (0.91 accepted), where that kernel is the faster one
+(`int8_linear_f32`). A drafter step is 0.28 / 0.30 / 0.42 / 0.51 / 0.54 of the target's at batch
+1 / 2 / 4 / 6 / 8 (one core of the AVX512-BF16 CPU, 384 cached positions, 2026-11-27; FBGEMM
+took 0.42 / 0.43 / 0.45 / - / 0.47 of an older, slower target); FBGEMM beyond 12 rows.
 
 int4 (group-wise, asymmetric, torchao's `groupwise_affine_quantize_tensor`): on CUDA in torchao's
 tinygemm tile-packed layout; on AVX512 CPUs packed for ATen's `_weight_int4pack_mm_for_cpu`.
