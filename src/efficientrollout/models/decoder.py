@@ -82,8 +82,9 @@ class Linear(nn.Linear):
     at 1 row, 0.84x at 2, 0.92x at 4, 0.75x at 8, 0.79x at 12 (2 cores); at 16 rows it is
     compute-bound and 1.1x. On AVX2+FMA CPUs, fp32 weights take our fp32 kernel
     (kernels/gemv_f32_cpu.cpp) at 1-12 rows: 0.81x oneDNN's time at 1 row, 0.62x at 4 (2-core
-    AVX512 CPU, fp32 engine; unmeasured on an AVX2-only CPU). oneDNN keeps large weights (the LM
-    head, where it streams at ~80 GB/s) and larger batches."""
+    AVX512 CPU, fp32 engine; unmeasured on an AVX2-only CPU), the LM head included
+    (GEMV_MAX_WEIGHT). oneDNN keeps large bf16 weights (the LM head, where it streams at ~80
+    GB/s) and larger batches."""
 
     packed: Tensor | None = None
     stream = None  # our kernel for 1-12 rows of this linear (bf16_gemv, f32_gemv), where one serves it
@@ -96,7 +97,7 @@ class Linear(nn.Linear):
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
             except RuntimeError:  # e.g. bf16 on a CPU without AVX512: keep the default GEMM
                 pass
-        if w.numel() <= GEMV_MAX_WEIGHT:
+        if w.numel() <= GEMV_MAX_WEIGHT or w.dtype == torch.float32:
             self.stream = streamed_linear_op(w)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,7 +117,11 @@ class Linear(nn.Linear):
 
 
 GEMV_MAX_ROWS = 12
-GEMV_MAX_WEIGHT = 4 << 20  # elements: every layer linear of small models, not a 49k-token LM head
+# bf16 weights of up to this many elements: every layer linear of small models, not a 49k-token LM
+# head, where oneDNN is as fast (0.8-1.1x at 1-12 rows). fp32 weights of any size: our kernel
+# takes SmolLM2's fp32 LM head in 0.49-0.73x oneDNN's time at 2-12 rows (one or two threads,
+# AVX512-BF16 CPU; 1 row: 0.96-1.02x).
+GEMV_MAX_WEIGHT = 4 << 20
 
 
 class KVCache(nn.Module):
