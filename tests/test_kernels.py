@@ -161,6 +161,24 @@ def test_int8_weights_with_fp32_activations_match_the_dequantized_linear(rows, w
         assert (mixed - want).abs().max() <= 1e-2 * want.abs().max()
 
 
+@pytest.mark.skipif(OPS is None or not OPS.f32_panels_available(), reason="fp32 panel linears need AVX-512")
+@pytest.mark.parametrize("shape", [(208, 96), (48, 40), (16, 8)])
+def test_fp32_panel_linears_match_f_linear_at_any_row_count(shape):
+    """Panels [N/16, K, 16]: every tile (1-12 rows, passes beyond), whole groups of panels and the
+    odd ones after them (208 = 13 panels), any input width; f32_linear streams 1-4 rows."""
+    torch.manual_seed(shape[1])
+    w, bias = torch.randn(shape), torch.randn(shape[0])
+    panels = OPS.f32_panels(w)
+    assert panels.shape == (shape[0] // 16, shape[1], 16) and torch.equal(panels.transpose(1, 2).reshape(shape), w)
+    for rows in [*range(1, 26), 37]:
+        x = torch.randn(rows, shape[1])
+        for b in (None, bias):
+            torch.testing.assert_close(OPS.f32_panel_linear(x, panels, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(OPS.f32_linear(x, w, panels, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        OPS.f32_panels(torch.randn(20, 8))
+
+
 def test_a_built_kernel_loads_past_a_build_lock_left_by_a_killed_process(tmp_path):
     """An engine killed while compiling leaves torch's build lock behind; every later engine
     used to wait on it forever. A finished build loads without taking the lock."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "attention_cpu.cpp", "attention_f32_cpu.cpp", "gemv_cpu.cpp", "gemv_f32_cpu.cpp", "layer_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "attention_cpu.cpp", "attention_f32_cpu.cpp", "gemv_cpu.cpp", "gemv_f32_cpu.cpp", "panels_f32_cpu.cpp", "layer_cpu.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -91,6 +91,15 @@ def _f32_ops(weight: torch.Tensor):
         return None
     kernels = cpu_ops()
     return kernels if kernels is not None and kernels.f32_gemv_available() else None
+
+
+def panel_ops(weight: torch.Tensor):
+    """Our kernels where fp32 panels (panels_f32_cpu.cpp) serve `weight`: fp32 on an AVX-512 CPU,
+    a multiple of 16 rows (outputs); else None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[0] % 16:
+        return None
+    kernels = cpu_ops()
+    return kernels if kernels is not None and kernels.f32_panels_available() else None
 
 
 def streamed_linear_op(weight: torch.Tensor):

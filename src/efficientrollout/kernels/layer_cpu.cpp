@@ -34,12 +34,13 @@ at::Tensor int8_linear_f32(const at::Tensor& x, const at::Tensor& q, const at::T
   return efficientrollout::int8_f32_gemv(x, q, scale, bias);
 }
 
-// An fp32 linear of 1-12 rows: [w] (fp32 weight, f32_gemv) or [q, scale] (int8 weight,
-// int8_linear_f32), as kernels/__init__.py's streamed_linear_op and int8_gemv_op choose for the
-// module path.
+// An fp32 linear of 1-12 rows: [w] (fp32 weight, f32_gemv), [w, panels] (fp32 weight and its
+// panels, f32_linear) or [q, scale] (int8 weight, int8_linear_f32), as decoder.py's Linear and
+// kernels/__init__.py's int8_gemv_op choose for the module path.
 at::Tensor linear_f32(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
   if (w.size() == 1) return efficientrollout::f32_gemv(x, w[0], bias);
-  TORCH_CHECK(w.size() == 2, "an fp32 linear is [fp32 w] or [int8 q, scale]");
+  TORCH_CHECK(w.size() == 2, "an fp32 linear is [fp32 w], [fp32 w, panels] or [int8 q, scale]");
+  if (w[0].scalar_type() == at::kFloat) return efficientrollout::f32_linear(x, w[0], w[1], bias);
   return int8_linear_f32(x, w[0], w[1], bias);
 }
 
