@@ -105,7 +105,8 @@ def test_bf16_decode_with_kernels_matches_the_torch_path(model_dir, request, mon
 def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir, dtype):
     """decode_stack (one C++ call for all layers) runs the same kernels as the Python layer code:
     the same bits, for the target and its int8 (and, in bf16, int4) drafters, at decode and
-    verify shapes. fp32 layers call the module path's ATen ops for SiLU from C++."""
+    verify shapes (beyond 12 rows where fp32 panels serve every linear). fp32 layers call the
+    module path's ATen ops for SiLU from C++."""
     from efficientrollout.engines.native.runner import ModelRunner
     from efficientrollout.models import load_model
     from efficientrollout.speculation import Drafter
@@ -121,8 +122,11 @@ def test_fused_layers_equal_the_module_path_for_target_and_drafter(tiny_dir, dty
     decoders = [loaded.decoder] + [d.decoder for d in drafters]
     assert all(d.fused_layers() is not None for d in decoders)
     assert decoders[1].fused_layers()[0][2] is not loaded.decoder.fused_layers()[0][2]  # its own int8 weights
+    if dtype == torch.float32 and OPS.f32_panels_available():
+        assert loaded.decoder._fused_rows >= 15 and decoders[1]._fused_rows == 12  # int8 drafters: 1-12 rows
     for tokens, positions in ((torch.tensor([[11], [21], [31]]), torch.tensor([[5], [3], [8]])),
-                              (torch.tensor([[11, 12], [21, 22], [31, 32]]), torch.tensor([[5, 6], [3, 4], [8, 9]]))):
+                              (torch.tensor([[11, 12], [21, 22], [31, 32]]), torch.tensor([[5, 6], [3, 4], [8, 9]])),
+                              (torch.arange(15).view(3, 5) + 40, torch.tensor([[5], [3], [4]]) + torch.arange(5))):  # 15 rows: fp32 panels
         for decoder in decoders:
             fused = runner.forward(tokens, positions, kv_len=10, decoder=decoder)
             decoder._fused = ()  # "no fused layers": the module path

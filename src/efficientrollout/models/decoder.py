@@ -127,6 +127,9 @@ class Linear(nn.Linear):
 
 
 GEMV_MAX_ROWS = 12
+# decode/verify rows the fused layers take where fp32 panels serve every linear (SmolLM2, one core:
+# verify of 16-18 rows 0.91-0.94x the module path's time)
+FUSED_PANEL_ROWS = 32
 # bf16 weights of up to this many elements: every layer linear of small models, not a 49k-token LM
 # head, where oneDNN is as fast (0.8-1.1x at 1-12 rows). fp32 weights of any size: our kernel
 # takes SmolLM2's fp32 LM head in 0.49-0.73x oneDNN's time at 2-12 rows (one or two threads,
@@ -245,6 +248,7 @@ class Decoder(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self._fused: tuple | None = None  # see fused_layers()
+        self._fused_rows = GEMV_MAX_ROWS  # rows the fused layers take: more where every linear has fp32 panels
         self.graph_epoch = 0  # bumped when linears get new tensors: CUDA graphs holding the old ones are stale
         self.graphed = False  # CUDA graphs hold its tensors: refresh them in place where possible
         self.register_buffer("cos", torch.empty(max_seq_len, cfg.head_dim), persistent=False)
@@ -276,7 +280,7 @@ class Decoder(nn.Module):
         rows=None, kv_len=n: decode/verify for cache slots 0..b-1 attending positions < n.
         rows=slots, kv_len=None: prefill of prompts (starting at position 0) into those slots.
         """
-        if kv_len is not None and tokens.numel() <= GEMV_MAX_ROWS and (layers := self.fused_layers()) is not None:
+        if kv_len is not None and (layers := self.fused_layers()) is not None and tokens.numel() <= self._fused_rows:
             return self._forward_fused(tokens, positions, cache, kv_len, layers)
         ctx = StepContext(positions, rows, kv_len, None if kv_len is None else self.decode_kernels(tokens))
         x = self.embed(tokens)
@@ -319,6 +323,8 @@ class Decoder(nn.Module):
             bias = [] if layer.qkv.bias is None else [layer.qkv.bias]
             weights += [layer.input_norm, layer.post_norm, *bias, *(w for ws in linears for w in ws)]
             counts += [len(bias), *(len(ws) for ws in linears)]
+        panels = all(getattr(getattr(layer, name), "panels", None) is not None for layer in self.layers for name in ("qkv", "o", "gate_up", "down"))
+        self._fused_rows = FUSED_PANEL_ROWS if panels else GEMV_MAX_ROWS
         return weights, counts
 
     def decode_kernels(self, tokens: Tensor):
