@@ -110,10 +110,10 @@ class NativeEngine:
                 self.probe()
 
     def probe(self, batches: tuple[int, ...] = (1, 4, 16, 64), k: int = 3, context: int = 256) -> float:
-        """Seed the gate's cost tables: a plain step, a drafter step and a K=3 verify at a few
-        batch sizes (and a K=k_max verify up to batch 4, where long drafts pay: extrapolated from
-        K=3 and plain alone, longer verifies looked dearer than they are and the gate stayed at
-        K=3 where K=7 was 1.13-1.18x faster), each over `context` cached positions (a
+        """Seed the gate's cost tables: a plain step, a drafter step and K=1 and K=3 verifies at a
+        few batch sizes (and a K=k_max verify up to batch 4, where long drafts pay: extrapolated
+        from K=3 and plain alone, longer verifies looked dearer than they are and the gate stayed
+        at K=3 where K=7 was 1.13-1.18x faster), each over `context` cached positions (a
         typical rollout's; attention over an empty cache made verify look cheap at large batches,
         and the gate speculated there until its measurements caught up). A few seconds; the
         cache slots are free between waves."""
@@ -122,7 +122,7 @@ class NativeEngine:
         k_max = self.config.speculation.k_max
         context = max(0, min(context, self.config.max_seq_len - k_max - 1))
         for b in (b for b in batches if b <= self.config.max_batch_size):
-            verifies = [(kk + 1, self.decoder) for kk in sorted({k, k_max} if b <= 4 else {k})]
+            verifies = [(kk + 1, self.decoder) for kk in sorted({1, k, k_max} if b <= 4 else {1, k})]
             for width, decoder in ((1, self.decoder), (1, self.drafter.decoder), *verifies):
                 tokens = torch.zeros(b, width, dtype=torch.long, device=self.device)
                 positions = context + torch.arange(width, device=self.device).expand(b, width)
