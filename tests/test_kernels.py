@@ -179,6 +179,7 @@ def test_fp32_panel_linears_match_f_linear_at_any_row_count(shape):
         for b in (None, bias):
             torch.testing.assert_close(OPS.f32_panel_linear(x, panels, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(OPS.f32_linear(x, w, panels, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    assert OPS.f32_linear(torch.randn(0, shape[1]), w, panels, bias).shape == (0, shape[0])
     with pytest.raises(RuntimeError, match="multiple of 16"):
         OPS.f32_panels(torch.randn(20, 8))
 

@@ -34,9 +34,10 @@ at::Tensor int8_linear_f32(const at::Tensor& x, const at::Tensor& q, const at::T
   return efficientrollout::int8_f32_gemv(x, q, scale, bias);
 }
 
-// An fp32 linear of 1-12 rows: [w] (fp32 weight, f32_gemv), [w, panels] (fp32 weight and its
-// panels, f32_linear) or [q, scale] (int8 weight, int8_linear_f32), as decoder.py's Linear and
-// kernels/__init__.py's int8_gemv_op choose for the module path.
+// An fp32 linear of 1-12 rows (up to decoder.py's FUSED_PANEL_ROWS with panels): [w] (fp32
+// weight, f32_gemv), [w, panels] (fp32 weight and its panels, f32_linear) or [q, scale] (int8
+// weight, int8_linear_f32), as decoder.py's Linear and kernels/__init__.py's int8_gemv_op choose
+// for the module path.
 at::Tensor linear_f32(const at::Tensor& x, at::TensorList w, const c10::optional<at::Tensor>& bias) {
   if (w.size() == 1) return efficientrollout::f32_gemv(x, w[0], bias);
   TORCH_CHECK(w.size() == 2, "an fp32 linear is [fp32 w], [fp32 w, panels] or [int8 q, scale]");

@@ -125,8 +125,8 @@ at::Tensor f32_panel_linear(const at::Tensor& x, const at::Tensor& panels, const
 }
 
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& panels, const c10::optional<at::Tensor>& bias) {
-  // an fp32 linear kept as w [N, K] and its panels: 1-4 rows stream w (f32_gemv), more run the panels
-  if (x.size(0) <= 4 && x.size(1) % 8 == 0 && f32_gemv_available()) return f32_gemv(x, w, bias);
+  // an fp32 linear kept as w [N, K] and its panels: 1-4 rows stream w (f32_gemv), more (or none) run the panels
+  if (x.size(0) >= 1 && x.size(0) <= 4 && x.size(1) % 8 == 0 && f32_gemv_available()) return f32_gemv(x, w, bias);
   return f32_panel_linear(x, panels, bias);
 }
 
