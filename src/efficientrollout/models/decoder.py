@@ -315,7 +315,7 @@ class Decoder(nn.Module):
     def _build_fused(self) -> tuple[list[Tensor], list[int]] | None:
         if self.cfg.qk_norm or self.norm.device.type != "cpu" or self.norm.dtype not in (torch.bfloat16, torch.float32) or cpu_ops() is None:
             return None
-        weights, counts = [], []
+        weights, counts, panels = [], [], True
         for layer in self.layers:
             linears = [getattr(layer, name).gemv_weights() for name in ("qkv", "o", "gate_up", "down")]
             if any(w is None for w in linears):
@@ -323,7 +323,7 @@ class Decoder(nn.Module):
             bias = [] if layer.qkv.bias is None else [layer.qkv.bias]
             weights += [layer.input_norm, layer.post_norm, *bias, *(w for ws in linears for w in ws)]
             counts += [len(bias), *(len(ws) for ws in linears)]
-        panels = all(getattr(getattr(layer, name), "panels", None) is not None for layer in self.layers for name in ("qkv", "o", "gate_up", "down"))
+            panels = panels and all(len(ws) == 2 and ws[0].dtype == torch.float32 for ws in linears)  # [w, panels]: f32_linear
         self._fused_rows = FUSED_PANEL_ROWS if panels else GEMV_MAX_ROWS
         return weights, counts
 
