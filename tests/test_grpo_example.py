@@ -105,6 +105,7 @@ def test_the_rewards_and_micro_batches_of_the_example():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2048 for b in batches)
     assert [4] in batches and [1] in batches  # the long ones train alone
+    assert [48] in grpo.micro_batches([7] * 48 + [29])  # nor pad 48 short ones to a longer one's length
 
 
 def test_the_loss_corrects_stale_samples_without_dropping_their_gradient(tiny_dir):
@@ -135,3 +136,49 @@ def test_the_loss_corrects_stale_samples_without_dropping_their_gradient(tiny_di
     stale = (now - 1.0).tolist()  # the behaviour policy gave each token e^-1 of today's probability
     assert gradient(stale, "ppo").abs().max() == 0.0
     assert torch.allclose(gradient(stale, "decoupled"), 2.0 * gradient(on_policy, "decoupled"), rtol=1e-4, atol=1e-7)
+
+
+def test_the_loss_runs_each_prompt_once_and_matches_a_forward_per_sample(tiny_dir):
+    """grpo_loss runs each distinct prompt once and its replies on that prompt's keys and
+    values, in micro-batches: its log-probs and gradient are those of one plain forward per
+    prompt + reply (prompts of different lengths, groups split across micro-batches, a
+    one-token reply)."""
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from efficientrollout.protocol import RolloutResult
+
+    grpo = load_example()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    model.model.layers[0].requires_grad_(False)  # as the example trains the top layers only
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    samples = []
+    for p, lengths in enumerate([[3, 3, 1, 4], [40, 2, 25, 9], [6, 30, 6, 7]]):
+        prompt = [rng.randrange(vocab) for _ in range(5 + 4 * p)]
+        samples += [RolloutResult(request_id=f"p{p}", sample_index=i, policy_version=0, prompt_token_ids=prompt,
+                                  output_token_ids=[rng.randrange(vocab) for _ in range(n)], text="", logprobs=[],
+                                  finish_reason="stop") for i, n in enumerate(lengths)]
+    advantages = [rng.choice([-1.0, 0.5, 1.0]) for _ in samples]
+    assert len(grpo.micro_batches([len(s.output_token_ids) - 1 for s in samples])) > 2
+
+    model.zero_grad()
+    reference, total = [], sum(len(s.output_token_ids) for s in samples)
+    for s, adv in zip(samples, advantages):
+        ids = torch.tensor([s.prompt_token_ids + s.output_token_ids])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(s.prompt_token_ids) - 1: -1].float(), -1)
+        lp = logp.gather(-1, torch.tensor(s.output_token_ids)[:, None]).squeeze(-1)
+        (-adv * lp.sum() / total).backward()  # the on-policy PPO objective's gradient (ratio 1)
+        reference.append(lp.detach())
+    expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for s, lp in zip(samples, reference):
+        s.logprobs = lp.tolist()  # on-policy: the engine's log-probs are the trainer's
+    model.zero_grad()
+    got = grpo.grpo_loss(model, samples, advantages, clip=0.2, correction="ppo")
+    for g, r in zip(got, reference):
+        assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)
+    for p, e in zip([p for p in model.parameters() if p.requires_grad], expected):
+        assert (p.grad - e).norm() <= 1e-4 * e.norm()  # fp32 rounding: ~1e-5
