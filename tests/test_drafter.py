@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from efficientrollout.kernels import int8_gemv_op
+from efficientrollout.kernels import cpu_ops, int8_gemv_op
 from efficientrollout.models.decoder import GEMV_MAX_ROWS, Linear
 from efficientrollout.speculation.drafter import PACKED_MAX_ROWS, Drafter, QuantLinear, pick_kernel
 
@@ -114,7 +114,11 @@ def test_an_fp32_drafter_keeps_fp32_activations_at_few_rows():
     """FBGEMM quantizes each call's activations to int8, per tensor: with SmolLM2's outlier
     channels that cost acceptance (0.79 at batch 1, 0.65 at 16, where weight-only int8 drafts
     accepted 0.92). At 1-12 rows our int8 kernels keep the activations (fp32, or bf16 where
-    AVX512-BF16 makes that as fast): closer to the target than FBGEMM's at every row count."""
+    AVX512-BF16 makes that as fast): closer to the target than FBGEMM's at every row count.
+    On AVX512-VNNI CPUs they quantize them per row instead (int8_vnni_gemv): an outlier channel
+    then coarsens its row (GRPO replay: 0.908 accepted vs 0.932, at 0.87x the time per token),
+    bounded here by a step of max|x| / 127 per activation."""
+    vnni = cpu_ops() is not None and cpu_ops().int8_vnni_available()
     torch.manual_seed(0)
     target = Linear(256, 96, bias=False)
     with torch.no_grad():
@@ -126,7 +130,13 @@ def test_an_fp32_drafter_keeps_fp32_activations_at_few_rows():
         x[:, 7] *= 30  # an outlier channel, as LLM hidden states have
         exact = target(x)
         err = {name: ((q(x) - exact).norm() / exact.norm()).item() for name, q in (("ours", ours), ("fbgemm", fbgemm))}
-        assert ours(x).dtype == torch.float32 and err["ours"] < err["fbgemm"] / 2, (rows, err)
+        assert ours(x).dtype == torch.float32, rows
+        if vnni:  # rounding each activation to 1/254 of its row's max: ~0.03 relative here
+            assert err["ours"] < 0.05 and err["fbgemm"] < 0.05, (rows, err)
+            x[:, 7] /= 30  # without the outlier: finer steps
+            assert ((ours(x) - target(x)).norm() / target(x).norm()).item() < 0.02  # with the weights' own rounding
+        else:
+            assert err["ours"] < err["fbgemm"] / 2, (rows, err)
 
 
 @pytest.mark.skipif(int8_gemv_op(torch.empty(0, 72)) is None, reason="needs our CPU kernels (AVX2 and FMA)")
@@ -140,7 +150,11 @@ def test_an_fp32_drafter_of_any_cpu_runs_int8_weights_with_fp32_activations():
     assert q.gemv_op is not None
     x = torch.randn(3, 72)
     qdata, scale = q.gemv
-    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, qdata.float() * scale[:, None], target.bias), atol=1e-5, rtol=1e-5)
+    want = torch.nn.functional.linear(x, qdata.float() * scale[:, None], target.bias)
+    if cpu_ops().int8_vnni_available():  # int8 activations there (see above)
+        assert (q(x) - want).norm() <= 0.02 * want.norm()
+    else:
+        torch.testing.assert_close(q(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_drafter_kernel_must_exist_and_suit_the_device():

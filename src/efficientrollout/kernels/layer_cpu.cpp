@@ -20,12 +20,14 @@
 
 namespace {
 
-// An fp32 target's int8 drafter linear, 1-12 rows: int8_f32_gemv (fp32 activations), except
-// where the bf16 kernel over bf16 copies of them is faster: AVX512-BF16 CPUs from 7 rows
-// (SmolLM2's 120 layer linears, cold, one core: fp32 activations 3.3-4.2 / 4.7-5.0 / 6.1 / 6.7-6.9
-// ms at 1-2 / 4 / 5 / 6 rows, bf16 with the casts 4.1-5.0 / 6.3-6.4 / 6.2-6.8 / 6.6-6.9; at 7 /
-// 8 / 10 rows 8.7 / 8.8 / 12.8 against 6.8 / 7.5 / 10.7).
+// An fp32 target's int8 drafter linear, 1-12 rows: on AVX512-VNNI CPUs int8_vnni_gemv (int8
+// activations, VNNI dot products); elsewhere int8_f32_gemv (fp32 activations), except where the
+// bf16 kernel over bf16 copies of them is faster: AVX512-BF16 CPUs from 7 rows (SmolLM2's 120
+// layer linears, cold, one core: fp32 activations 3.3-4.2 / 4.7-5.0 / 6.1 / 6.7-6.9 ms at 1-2 /
+// 4 / 5 / 6 rows, bf16 with the casts 4.1-5.0 / 6.3-6.4 / 6.2-6.8 / 6.6-6.9; at 7 / 8 / 10 rows
+// 8.7 / 8.8 / 12.8 against 6.8 / 7.5 / 10.7).
 at::Tensor int8_linear_f32(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
+  if (efficientrollout::int8_vnni_available()) return efficientrollout::int8_vnni_gemv(x, q, scale, bias);
   bool bf16 = efficientrollout::bf16_gemv_available() && x.size(1) % 32 == 0;
 #if defined(__AVX512F__)
   bf16 = bf16 && x.size(0) > 6;
