@@ -159,7 +159,8 @@ def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip
     Each distinct prompt runs once (a GRPO group's samples share it; in the one-word task the
     prompt is most of a sample's tokens): its keys and values become the past of its samples'
     replies, which run in micro-batches, and gradients flow back into it from every reply.
-    The same computation as one forward per prompt + reply, a third to a half the work here.
+    The same computation as one forward per prompt + reply; a step shaped as this example's
+    (64 samples, 48 of them one-word) took 0.62x the time on one core.
 
     `correction="ppo"`: the ratio is the trainer's probability over the one of the engine that
     sampled the token, at the version it sampled with: for a stale sample (asynchronous mode)
