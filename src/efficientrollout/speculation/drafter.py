@@ -20,9 +20,10 @@ batch 1 and 0.65 at 16 (temperature 1, K = 4), where weight-only int8 (fp32 acti
 from 7 rows over bf16 copies of them (0.91 accepted), where that kernel is the faster one
 (`int8_linear_f32`). On AVX512-VNNI CPUs the activations are quantized after all, per row (8
 bits, max|x| / 127 each row; `int8_vnni_gemv`): 64 int8 products per instruction take the
-linears to 0.65-0.85x the fp32-activation kernel's time at 1-12 rows, and in a replay of a GRPO
-step (Intel Xeon, Emerald Rapids, one core) drafts were accepted 0.908 of the time instead of
-0.932 while the adaptive engine's rollout went from 1.013x plain's time to 0.884x. A drafter step is 0.28 / 0.30 / 0.42 / 0.51 / 0.54 of the target's at batch
+linears to 0.70-0.92x the fp32-activation kernel's time at 1-12 rows, but outlier channels cost
+acceptance: in replays of two GRPO steps (Intel Xeon, Emerald Rapids, one core) drafts were
+accepted 0.86-0.91 of the time instead of 0.93-0.95, and the adaptive engine's rollout took
+0.98x the time it took before (best of two each; within that machine's noise). A drafter step is 0.28 / 0.30 / 0.42 / 0.51 / 0.54 of the target's at batch
 1 / 2 / 4 / 6 / 8 (one core of the AVX512-BF16 CPU, 384 cached positions, 2026-11-27; FBGEMM
 took 0.42 / 0.43 / 0.45 / - / 0.47 of an older, slower target); FBGEMM beyond 12 rows.
 
