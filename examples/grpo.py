@@ -179,20 +179,20 @@ def grpo_loss(model, samples: list[RolloutResult], advantages: list[float], clip
     total_tokens = sum(len(s.output_token_ids) for s in samples)
     trainer_lps: dict[int, torch.Tensor] = {}
     body, head = model.get_decoder(), model.get_output_embeddings()
-    prompts = list(dict.fromkeys(tuple(s.prompt_token_ids) for s in samples))
-    prompt_of = [prompts.index(tuple(s.prompt_token_ids)) for s in samples]
-    prompt_ids, prompt_mask = padded(prompts)
+    index = {p: i for i, p in enumerate(dict.fromkeys(tuple(s.prompt_token_ids) for s in samples))}
+    prompt_of = [index[tuple(s.prompt_token_ids)] for s in samples]
+    prompt_ids, prompt_mask = padded(list(index))
+    prompt_lens = prompt_mask.sum(1)
     out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
     past = [(layer.keys, layer.values) for layer in out.cache.layers]
     # the hidden state after each prompt's last token predicts its replies' first tokens
-    last = out.last_hidden_state[torch.arange(len(prompts)), prompt_mask.sum(1) - 1]
+    last = out.last_hidden_state[torch.arange(len(index)), prompt_lens - 1]
     # a reply's tokens but the last are inputs (each predicts the next)
     for chunk in micro_batches([max(1, len(s.output_token_ids) - 1) for s in samples]):
         rows = torch.tensor([prompt_of[i] for i in chunk])
         ids, mask = padded([samples[i].output_token_ids[:-1] for i in chunk])
-        starts = prompt_mask.sum(1)[rows]
         hidden = body(input_ids=ids, attention_mask=torch.cat([prompt_mask[rows], mask], 1),
-                      position_ids=starts[:, None] + torch.arange(ids.shape[1]),
+                      position_ids=prompt_lens[rows, None] + torch.arange(ids.shape[1]),
                       cache=DynamicCache([(k[rows], v[rows]) for k, v in past], config=model.config),
                       use_cache=True).last_hidden_state
         lengths = [len(samples[i].output_token_ids) for i in chunk]

@@ -86,25 +86,13 @@ inline void tile(const float* xp, const W* wp, const float* sp, const float* bp,
     for (int m = 0; m < used; ++m) yp[(m0 + m) * N + n + r] = S::sum(acc[r][m]) * (sp ? sp[n + r] : 1.f) + (bp ? bp[n + r] : 0.f);
 }
 
-// Output columns n0..n1-1 for all M input rows, MB rows per tile. More than MB input rows go in
-// passes over a block of NB weight rows, which the first pass brings in (so later passes read it
-// from cache, not memory).
+// Output columns n0..n1-1 for all M input rows (tile_passes, kernels.h).
 template <class S, int MB, int R, typename W>
 void rows_f32(const float* xp, const W* wp, const float* sp, const float* bp, float* yp, int64_t K, int64_t N, int64_t n0,
               int64_t n1, int64_t M) {
-  const int64_t passes = (M + MB - 1) / MB, NB = passes > 1 ? 4 * R : R;
-  // Prefetch each row's place in the next block (at least 2 KB ahead): a fixed distance from a
-  // row of this block lands inside this block when its rows span more than it.
-  const int64_t ahead = std::max<int64_t>(NB * K, 2048 / static_cast<int64_t>(sizeof(W)));
-  for (int64_t nb = n0; nb < n1; nb += NB) {
-    const int64_t ne = std::min(nb + NB, n1);
-    for (int64_t pass = 0; pass < passes; ++pass) {
-      const int64_t m0 = pass * MB, used = std::min<int64_t>(MB, M - m0), pre = pass == 0 ? ahead : 0;
-      int64_t n = nb;
-      for (; n + R <= ne; n += R) tile<S, MB, R>(xp, wp, sp, bp, yp, K, N, n, m0, used, pre);
-      for (; n < ne; ++n) tile<S, MB, 1>(xp, wp, sp, bp, yp, K, N, n, m0, used, pre);
-    }
-  }
+  efficientrollout::tile_passes<MB, R>([&](auto r, int64_t n, int64_t m0, int64_t used, int64_t ahead) {
+    tile<S, MB, decltype(r)::value>(xp, wp, sp, bp, yp, K, N, n, m0, used, ahead);
+  }, K, sizeof(W), n0, n1, M);
 }
 
 }  // namespace

@@ -48,22 +48,13 @@ inline void tile(const int8_t* xq, const int8_t* wp, const int32_t* xsum, const 
     }
 }
 
-// Output columns n0..n1-1 for all M rows, in passes of MB rows over blocks of weight rows that
-// the first pass brings into cache (as gemv_f32_cpu.cpp's rows_f32).
+// Output columns n0..n1-1 for all M rows (tile_passes, kernels.h, as gemv_f32_cpu.cpp's rows_f32).
 template <int MB, int R>
 void rows(const int8_t* xq, const int8_t* wp, const int32_t* xsum, const float* xs, const float* sp, const float* bp, float* yp,
           int64_t K, int64_t Kp, int64_t N, int64_t n0, int64_t n1, int64_t M) {
-  const int64_t passes = (M + MB - 1) / MB, NB = passes > 1 ? 4 * R : R;
-  const int64_t ahead = std::max<int64_t>(NB * K, 2048);
-  for (int64_t nb = n0; nb < n1; nb += NB) {
-    const int64_t ne = std::min(nb + NB, n1);
-    for (int64_t pass = 0; pass < passes; ++pass) {
-      const int64_t m0 = pass * MB, used = std::min<int64_t>(MB, M - m0), pre = pass == 0 ? ahead : 0;
-      int64_t n = nb;
-      for (; n + R <= ne; n += R) tile<MB, R>(xq, wp, xsum, xs, sp, bp, yp, K, Kp, N, n, m0, used, pre);
-      for (; n < ne; ++n) tile<MB, 1>(xq, wp, xsum, xs, sp, bp, yp, K, Kp, N, n, m0, used, pre);
-    }
-  }
+  efficientrollout::tile_passes<MB, R>([&](auto r, int64_t n, int64_t m0, int64_t used, int64_t ahead) {
+    tile<MB, decltype(r)::value>(xq, wp, xsum, xs, sp, bp, yp, K, Kp, N, n, m0, used, ahead);
+  }, K, 1, n0, n1, M);
 }
 
 // Row m of x to int8 (round to nearest even of x * 127 / max|x|; all zeros for a zero row):

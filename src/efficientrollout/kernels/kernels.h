@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -126,5 +127,28 @@ at::Tensor f32_panel_linear(const at::Tensor& x, const at::Tensor& panels, const
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& panels, const c10::optional<at::Tensor>& bias);
 bool int8_vnni_available();
 at::Tensor int8_vnni_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const c10::optional<at::Tensor>& bias);
+
+// The weight-streaming linears' outer loop (gemv_f32_cpu.cpp, int8_vnni_cpu.cpp): output columns
+// n0..n1-1 for all M input rows, MB rows per tile. More than MB input rows go in passes over a
+// block of NB weight rows, which the first pass brings in (so later passes read it from cache,
+// not memory). The first pass prefetches each row's place in the next block (at least 2 KB
+// ahead): a fixed distance from a row of this block lands inside this block when its rows span
+// more than it. `tile(r, n, m0, used, ahead)` computes columns n..n+r-1 for input rows m0..
+// (`used` of them), r a std::integral_constant (R, or 1 for a block's last columns), `ahead` in
+// weight elements of `elem` bytes (0: no prefetch).
+template <int MB, int R, class Tile>
+inline void tile_passes(Tile&& tile, int64_t K, int64_t elem, int64_t n0, int64_t n1, int64_t M) {
+  const int64_t passes = (M + MB - 1) / MB, NB = passes > 1 ? 4 * R : R;
+  const int64_t ahead = std::max<int64_t>(NB * K, 2048 / elem);
+  for (int64_t nb = n0; nb < n1; nb += NB) {
+    const int64_t ne = std::min(nb + NB, n1);
+    for (int64_t pass = 0; pass < passes; ++pass) {
+      const int64_t m0 = pass * MB, used = std::min<int64_t>(MB, M - m0), pre = pass == 0 ? ahead : 0;
+      int64_t n = nb;
+      for (; n + R <= ne; n += R) tile(std::integral_constant<int, R>{}, n, m0, used, pre);
+      for (; n < ne; ++n) tile(std::integral_constant<int, 1>{}, n, m0, used, pre);
+    }
+  }
+}
 
 }  // namespace efficientrollout
