@@ -5,7 +5,7 @@ is re-quantized too) sits idle; the trainer side publishes --rounds new versions
 `PolicyPublisher.publish(state_dict)` (in shards of --shard-mb), in each transport dtype in turn (fp32 as the trainer
 holds them, and the engines' own dtype). For each: the publish call's time (serialize, hash,
 upload, server-side verify and atomic store), and the time from the start of the publish until
-each engine reports the new version on /healthz (its poll, download with sha256, load in place;
+each engine's heartbeat in Redis reports the new version (as a trainer waits for it; its poll, download with sha256, load in place;
 the drafter is re-quantized right after, while the engine is idle, or before its first draft).
 The engines' own figure for download + load comes from /metrics.
 """
@@ -26,10 +26,6 @@ from efficientrollout.models.checkpoint import resolve_model
 from efficientrollout.engines.native.engine import resolve_dtype
 from efficientrollout.pipeline.fleet import Fleet
 from efficientrollout.policies import PolicyPublisher
-
-
-def engine_version(url: str) -> int:
-    return httpx.get(url.replace("/metrics", "/healthz"), timeout=5).json()["version"]
 
 
 def update_seconds(url: str) -> float:
@@ -66,10 +62,10 @@ def main() -> None:
                 version = publisher.publish(state)
                 publish_s = time.perf_counter() - t0
                 served = {}
-                while len(served) < len(urls):
-                    for url in urls:
-                        if url not in served and engine_version(url) == version:
-                            served[url] = time.perf_counter() - t0
+                while len(served) < len(urls):  # from the heartbeats in Redis, as `Fleet.wait_for_version`
+                    for e in fleet.status()["engines"]:
+                        if e.metrics not in served and e.version == version:
+                            served[e.metrics] = time.perf_counter() - t0
                     time.sleep(0.01)
                 row = {"version": version, "transport": str(dtype).removeprefix("torch."), "shards": publisher.last_upload["shards"],
                        "publish_s": round(publish_s, 2),
@@ -78,6 +74,8 @@ def main() -> None:
                        "engine_download_load_s": [round(update_seconds(u), 2) for u in urls]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        for log in sorted((fleet.workdir / "logs").glob("engine*.log")):  # each update's download / load split
+            print(log.stem, *(line.split("] ")[-1] for line in log.read_text().splitlines() if "now serving policy" in line), sep="\n  ")
     by = {}
     for r in rows:
         by.setdefault(r["transport"], []).append(r)

@@ -118,6 +118,13 @@ def test_an_interrupted_publish_resumes_with_only_the_missing_shards(policy_serv
     bad = httpx.put(f"{url}/v1/uploads/{upload}/{names[1]}", content=b"cut short", headers={**auth, "X-Sha256": digest})
     assert bad.status_code == 400 and "checksum" in bad.json()["error"]
     assert list(httpx.get(f"{url}/v1/uploads/{upload}", headers=auth).json()["files"]) == [names[0]]
+    # without X-Sha256 (a streaming sender) a shard is kept and its digest returned; the commit checks
+    # it (and the resume below replaces this one, which is not the publisher's second shard)
+    second = save({"other": torch.ones(3)})
+    r = httpx.put(f"{url}/v1/uploads/{upload}/{names[1]}", content=second, headers=auth)
+    assert r.status_code == 200 and r.json()["sha256"] == hashlib.sha256(second).hexdigest()
+    r = httpx.post(f"{url}/v1/uploads/{upload}/commit", json={"files": {names[0]: digest, names[1]: digest}}, headers=auth)
+    assert r.status_code == 400 and store.versions() == []
     # committing now is refused: a version is all of its shards or nothing
     r = httpx.post(f"{url}/v1/uploads/{upload}/commit", json={"files": {n: digest for n in names}}, headers=auth)
     assert r.status_code == 400 and store.versions() == []

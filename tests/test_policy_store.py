@@ -78,3 +78,26 @@ def test_tied_weights_are_saved_once(tmp_path):
     with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
         assert sorted(f.keys()) == ["model.embed_tokens.weight", "model.norm.weight"]
         assert torch.equal(f.get_tensor("model.embed_tokens.weight"), embed)
+
+
+def test_a_streamed_shard_is_a_safetensors_file_of_the_same_tensors(tmp_path):
+    import hashlib
+
+    from safetensors.torch import load
+
+    from efficientrollout.policies.store import SafetensorsStream, unique_tensors
+
+    state = unique_tensors({
+        "a": torch.randn(3, 5), "b": torch.randn(7, dtype=torch.float64).to(torch.bfloat16), "scalar": torch.tensor(2.5),
+        "ids": torch.arange(11), "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+        "odd": torch.randint(-5, 5, (3,), dtype=torch.int8), "t": torch.randn(4, 6).t(),  # made contiguous
+    })
+    stream = SafetensorsStream(state)
+    data = b"".join(bytes(c) for c in stream.chunks(size=16))  # tensors split across pieces
+    assert len(data) == stream.size and stream.sha256() == hashlib.sha256(data).hexdigest()
+    got = load(data)
+    assert got.keys() == state.keys()
+    for k, t in state.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+    with pytest.raises(PolicyError, match="dtype"):
+        SafetensorsStream({"c": torch.zeros(2, dtype=torch.complex64)})

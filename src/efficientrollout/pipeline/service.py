@@ -199,6 +199,7 @@ class EngineService:
         t0 = time.perf_counter()
         try:
             path = await anyio.to_thread.run_sync(self.policy.download, latest, self._downloads)
+            downloaded = time.perf_counter() - t0
             try:
                 await engine_thread().run(self.engine.update_weights, path, latest)
             finally:  # one file, or a directory of shards
@@ -213,7 +214,8 @@ class EngineService:
         self.metrics.weight_updates += 1
         self.metrics.policy_version = self.engine.version
         self.metrics.last_weight_update_seconds = time.perf_counter() - t0
-        log.info("now serving policy version %d (download + load %.2fs)", latest, self.metrics.last_weight_update_seconds)
+        log.info("now serving policy version %d (download %.2fs + load %.2fs)", latest, downloaded,
+                 self.metrics.last_weight_update_seconds - downloaded)
         await self._beat()  # tell `status` (and trainers waiting for the version) now, not at the next beat
         await engine_thread().run(self.engine.settle)  # deferred work (re-quantization) while idle
 

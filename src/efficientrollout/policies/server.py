@@ -9,8 +9,9 @@ POST /v1/versions[?version=N]            → publish (body: a safetensors file; 
 Sharded publish (large policies; each shard resumable on its own):
 POST /v1/uploads                         → {"upload": id}: an upload session (a wrong    [publish]
                                            token is refused before any weight is sent)
-PUT  /v1/uploads/{id}/{name}             → one shard (X-Sha256 required; verified as it [publish]
-                                           arrives, kept only if it matches)
+PUT  /v1/uploads/{id}/{name}             → one shard, hashed as it arrives; with an      [publish]
+                                           X-Sha256 header kept only if it matches; the
+                                           answer gives its sha256 for the sender to check
 GET  /v1/uploads/{id}                    → the shards received: {name: {size, sha256}}  [publish]
 POST /v1/uploads/{id}/commit[?version=N] → body {"files": {name: sha256}}: all shards    [publish]
                                            present and matching → one atomic version
@@ -139,12 +140,10 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         if not valid_file_name(name):
             return JSONResponse({"error": f"{name!r} is not model.safetensors or a shard model-0000i-of-0000K.safetensors"},
                                 status_code=400)
-        expected = request.headers.get("x-sha256")
-        if not expected:
-            return JSONResponse({"error": "X-Sha256 is required for a shard"}, status_code=400)
+        expected = request.headers.get("x-sha256")  # optional: a streaming sender knows it only at the end
         part = path / f".{name}.part"
         digest = await receive(request, part)
-        if digest != expected:
+        if expected and digest != expected:
             part.unlink(missing_ok=True)
             return JSONResponse({"error": f"{name}: checksum mismatch: got {digest}, expected {expected}"}, status_code=400)
         info = {"size": part.stat().st_size, "sha256": digest}

@@ -10,9 +10,11 @@ increase; the newest `keep` are kept.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Mapping
@@ -81,6 +83,46 @@ def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         seen.add(key)
         out[name] = t.detach().contiguous().cpu()
     return out
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SafetensorsStream:
+    """A safetensors file's bytes, produced tensor by tensor from contiguous CPU tensors (as
+    `unique_tensors` gives them): its size is known up front and no tensor is copied, where
+    `safetensors.torch.save` builds the whole file in memory first (0.8 s for SmolLM2's 538 MB
+    here, before any byte is sent)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        header, offset = {}, 0
+        for name, t in tensors.items():
+            if t.dtype not in _SAFETENSORS_DTYPES:
+                raise PolicyError(f"{name}: dtype {t.dtype} has no safetensors name here")
+            n = t.numel() * t.element_size()
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the format's 8-byte alignment of the data
+        self.head, self.tensors = struct.pack("<Q", len(head)) + head, tensors
+        self.size = len(self.head) + offset
+
+    def chunks(self, size: int = 4 << 20):
+        """The file's bytes in pieces of at most `size` (memoryviews of the tensors)."""
+        yield self.head
+        for t in self.tensors.values():
+            if t.numel():
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                for i in range(0, len(data), size):
+                    yield data[i : i + size]
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path) -> None:
