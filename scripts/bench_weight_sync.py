@@ -61,8 +61,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 version = publisher.publish(state)
                 publish_s = time.perf_counter() - t0
-                served = {}
+                served, deadline = {}, time.monotonic() + 300
                 while len(served) < len(urls):  # from the heartbeats in Redis, as `Fleet.wait_for_version`
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"version {version}: served by {len(served)} of {len(urls)} engines after 300 s")
                     for e in fleet.status()["engines"]:
                         if e.metrics not in served and e.version == version:
                             served[e.metrics] = time.perf_counter() - t0

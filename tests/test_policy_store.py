@@ -82,6 +82,7 @@ def test_tied_weights_are_saved_once(tmp_path):
 
 def test_a_streamed_shard_is_a_safetensors_file_of_the_same_tensors(tmp_path):
     import hashlib
+    import json
 
     from safetensors.torch import load
 
@@ -97,7 +98,12 @@ def test_a_streamed_shard_is_a_safetensors_file_of_the_same_tensors(tmp_path):
     assert len(data) == stream.size and stream.sha256() == hashlib.sha256(data).hexdigest()
     got = load(data)
     assert got.keys() == state.keys()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    assert header_len % 8 == 0  # the data starts 8-aligned
+    for k, t in state.items():  # aligned: each tensor starts at a multiple of its element size
+        assert header[k]["data_offsets"][0] % t.element_size() == 0, k
     for k, t in state.items():
         assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
     with pytest.raises(PolicyError, match="dtype"):
-        SafetensorsStream({"c": torch.zeros(2, dtype=torch.complex64)})
+        SafetensorsStream({"c": torch.zeros(2, dtype=torch.complex128)})

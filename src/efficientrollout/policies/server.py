@@ -141,15 +141,18 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
             return JSONResponse({"error": f"{name!r} is not model.safetensors or a shard model-0000i-of-0000K.safetensors"},
                                 status_code=400)
         expected = request.headers.get("x-sha256")  # optional: a streaming sender knows it only at the end
-        part = path / f".{name}.part"
-        digest = await receive(request, part)
-        if expected and digest != expected:
-            part.unlink(missing_ok=True)
-            return JSONResponse({"error": f"{name}: checksum mismatch: got {digest}, expected {expected}"}, status_code=400)
-        info = {"size": part.stat().st_size, "sha256": digest}
-        part.replace(path / name)
-        (path / name).with_suffix(".json").write_text(json.dumps(info))
-        return JSONResponse({"name": name, **info})
+        part = path / f".{name}.{secrets.token_hex(6)}.part"  # its own: a retry may arrive while the first still runs
+        try:
+            digest = await receive(request, part)
+            if expected and digest != expected:
+                return JSONResponse({"error": f"{name}: checksum mismatch: got {digest}, expected {expected}"}, status_code=400)
+            info = {"size": part.stat().st_size, "sha256": digest}
+            # no await from here on: the shard and its record change together
+            part.replace(path / name)
+            (path / name).with_suffix(".json").write_text(json.dumps(info))
+            return JSONResponse({"name": name, **info})
+        finally:
+            part.unlink(missing_ok=True)  # a cut or refused upload leaves nothing behind
 
     async def upload_status(request: Request) -> Response:
         path = session(request)

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -85,18 +86,25 @@ def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                       torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
-                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+                       torch.float8_e5m2: "F8_E5M2", torch.float8_e5m2fnuz: "F8_E5M2FNUZ", torch.complex64: "C64",
+                       torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16"}
 
 
 class SafetensorsStream:
     """A safetensors file's bytes, produced tensor by tensor from contiguous CPU tensors (as
     `unique_tensors` gives them): its size is known up front and no tensor is copied, where
     `safetensors.torch.save` builds the whole file in memory first (0.8 s for SmolLM2's 538 MB
-    here, before any byte is sent)."""
+    here, before any byte is sent). Widest dtypes first, then by name, as safetensors lays them
+    out: every tensor's offset is a multiple of its element size. The bytes are read from the
+    tensors while they are sent: they must not change until then."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        if sys.byteorder != "little":
+            raise PolicyError("safetensors files are little-endian; this host is not")
+        tensors = dict(sorted(tensors.items(), key=lambda kv: (-kv[1].element_size(), kv[0])))
         header, offset = {}, 0
         for name, t in tensors.items():
             if t.dtype not in _SAFETENSORS_DTYPES:
