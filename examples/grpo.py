@@ -276,12 +276,13 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
                 trainer_lps = grpo_loss(model, samples, [0.0] * len(samples), a.clip, a.dual_clip, backward=False)
         return [float(x) for s, lp in zip(samples, trainer_lps) for x in (lp - torch.tensor(s.logprobs)).abs()], len(learn)
 
-    publish_s = [0.0]  # the last publish call's part of sync_s (the rest: waiting for the engines to load it)
+    publish_s = 0.0  # the last publish call's part of sync_s (the rest: waiting for the engines to load it)
 
     def publish() -> int:
+        nonlocal publish_s
         t0 = time.perf_counter()
         v = publisher.publish({k: v.detach() for k, v in model.state_dict().items()})
-        publish_s[0] = time.perf_counter() - t0
+        publish_s = time.perf_counter() - t0
         if fleet is not None and not asynchronous:
             fleet.wait_for_version(v, timeout=300)
         return v
@@ -331,7 +332,7 @@ async def run(a: argparse.Namespace, redis_url: str, policy_url: str, token: str
             lengths = [len(s.output_token_ids) for g in groups for s in g]
             row = {"step": step, "mean_reward": round(statistics.fmean(rewards), 3) if rewards else None,
                    "rollout_s": round(rollout_s, 2), "train_s": round(train_s, 2), "sync_s": round(sync_s, 2),
-                   "publish_s": round(publish_s[0], 2), "step_s": round(step_s, 2), "rollout_share": round(rollout_s / step_s, 3),
+                   "publish_s": round(publish_s, 2), "step_s": round(step_s, 2), "rollout_share": round(rollout_s / step_s, 3),
                    "sample_versions": sorted({s.policy_version for g in groups for s in g}),
                    "expected_version": rollout.requests[0].min_policy_version,
                    "staleness_max": max(staleness, default=0), "staleness_mean": round(statistics.fmean(staleness), 2) if staleness else 0,

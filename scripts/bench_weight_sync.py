@@ -2,11 +2,12 @@
 
 A fleet of --engines engine processes with the bundled model (speculation on, so the drafter
 is re-quantized too) sits idle; the trainer side publishes --rounds new versions with
-`PolicyPublisher.publish(state_dict)` (in shards of --shard-mb), in each transport dtype in turn (fp32 as the trainer
-holds them, and the engines' own dtype). For each: the publish call's time (serialize, hash,
-upload, server-side verify and atomic store), and the time from the start of the publish until
-each engine's heartbeat in Redis reports the new version (as a trainer waits for it; its poll, download with sha256, load in place;
-the drafter is re-quantized right after, while the engine is idle, or before its first draft).
+`PolicyPublisher.publish(state_dict)` (in shards of --shard-mb), in each transport dtype in
+turn (fp32 as the trainer holds them, and the engines' own dtype). For each: the publish call's
+time (stream and hash, upload, server-side verify and atomic store), and the time from the start
+of the publish until each engine's heartbeat in Redis reports the new version, as a trainer
+waits for it (its poll, download with sha256, load in place; the drafter is re-quantized right
+after, while the engine is idle, or before its first draft).
 The engines' own figure for download + load comes from /metrics.
 """
 
