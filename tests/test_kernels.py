@@ -190,6 +190,31 @@ def test_int8_activations_on_vnni_match_the_same_quantization_in_torch(rows, wid
         assert torch.equal(OPS.int8_vnni_gemv(x, q, scale, None)[1], torch.zeros(200))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 576), (33, 100), (5, 7), (3, 47)])
+def test_int8_rows_are_torchaos_numbers_bit_for_bit(dtype, shape):
+    """The drafter's weights quantized in one pass give exactly torchao's Int8Tensor.from_hp
+    (PerRow): scale max|w| / 127.5 (at least fp32 eps), round half to even, clamp to int8; at
+    every width (vector bodies and scalar tails), for ties, a row's extremes, a zero row and a
+    row below eps."""
+    from torchao.quantization import Int8Tensor, PerRow
+
+    torch.manual_seed(shape[0] * shape[1])
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 4
+    w[0, 0] = 40.0  # an outlier sets its row's scale
+    if shape[0] >= 5:
+        w[1] = 0.0
+        w[2] = 1e-30
+        w[3, : min(7, shape[1])] = torch.tensor([127.5, 0.5, 1.5, 2.5, -0.5, -2.5, -127.5])[: min(7, shape[1])]  # scale 1: ties
+    w = w.to(dtype)
+    q, scale = OPS.int8_quantize_rows(w)
+    ref = Int8Tensor.from_hp(w.float(), granularity=PerRow())
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert torch.equal(q, ref.qdata) and torch.equal(scale, ref.scale.reshape(-1).float())
+    if shape[1] >= 7 and shape[0] >= 5:
+        assert q[3, :7].tolist() == [127, 0, 2, 2, 0, -2, -128]
+
+
 @pytest.mark.skipif(OPS is None or not OPS.f32_panels_available(), reason="fp32 panel linears need AVX-512")
 @pytest.mark.parametrize("shape", [(208, 96), (48, 40), (16, 8)])
 def test_fp32_panel_linears_match_f_linear_at_any_row_count(shape):
