@@ -60,6 +60,28 @@ def test_n_samples_are_distinct_and_complete(tiny_engine):
     assert len({tuple(r.output_token_ids) for r in results}) == 5
 
 
+def test_samples_of_one_prompt_are_prefilled_once(tiny_engine, hf_model):
+    """A request's n samples (a GRPO group) share its prompt: the model runs over it once and
+    the other samples' cache slots get copies of its K/V. Every sample still decodes exactly:
+    greedy ones as transformers does, sampled ones with log-probs a recompute agrees with."""
+    forwards = []
+    hook = tiny_engine.decoder.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    try:
+        results = tiny_engine.generate([req(0, "The quick brown fox", temperature=0.0, n=3, max_new_tokens=16, ignore_eos=True),
+                                        req(1, "Hello there", temperature=1.0, n=4, max_new_tokens=16, seed=3, ignore_eos=True)])
+    finally:
+        hook.remove()
+    widths = {len(r.prompt_token_ids) for r in results}
+    assert forwards[0] == (2, max(widths))  # one row per prompt, not seven
+    greedy, sampled = results[:3], results[3:]
+    expected = greedy_reference(hf_model, greedy[0].prompt_token_ids, 16, eos=set())
+    assert all(r.output_token_ids == expected for r in greedy)
+    assert len({tuple(r.output_token_ids) for r in sampled}) == 4
+    for r in sampled:
+        ref_lp = reference_logprobs(hf_model, r.prompt_token_ids, r.output_token_ids, 1.0)
+        assert torch.allclose(torch.tensor(r.logprobs), ref_lp, atol=1e-4, rtol=0)
+
+
 def test_top_k_one_is_greedy_and_top_p_restricts_support(tiny_engine, hf_model):
     greedy = tiny_engine.generate([req(0, "Once upon", temperature=0.0, max_new_tokens=10, ignore_eos=True)])[0]
     topk1 = tiny_engine.generate([req(0, "Once upon", temperature=1.5, top_k=1, max_new_tokens=10, seed=3, ignore_eos=True)])[0]

@@ -27,6 +27,7 @@ from efficientrollout.policies import (
     PolicyUnavailable,
 )
 from efficientrollout.policies.server import create_app
+from efficientrollout.policies.store import SafetensorsStream
 from efficientrollout.queue import RedisKeys, RedisServer
 
 
@@ -137,6 +138,22 @@ def test_an_interrupted_publish_resumes_with_only_the_missing_shards(policy_serv
     assert publisher.last_upload == {"upload": upload, "shards": 3, "sent": 2, "skipped": 1}
     got = read_state_dict(store.root / "v1")
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_a_shard_goes_with_its_digest_up_front_to_servers_that_want_it(policy_server):
+    """Servers from before streamed publishes required X-Sha256 with every shard and do not say
+    "digest_first" in an upload's status; for them the publisher hashes each shard first and
+    sends the digest with it, which the server checks (a wrong one is refused, nothing kept)."""
+    url, _, _ = policy_server
+    auth = {"Authorization": "Bearer s3cret"}
+    publisher = PolicyPublisher(url, "s3cret")
+    upload = httpx.post(f"{url}/v1/uploads", headers=auth).json()["upload"]
+    assert httpx.get(f"{url}/v1/uploads/{upload}", headers=auth).json()["digest_first"] is False  # this server streams
+    shard = SafetensorsStream(_layers(2))
+    with pytest.raises(PolicyError, match="checksum mismatch"):
+        publisher._put_shard(upload, "model.safetensors", shard, known="0" * 64)
+    assert httpx.get(f"{url}/v1/uploads/{upload}", headers=auth).json()["files"] == {}
+    assert publisher._put_shard(upload, "model.safetensors", shard, known=shard.sha256()) == shard.sha256()
 
 
 def test_download_resumes_a_partial_file(policy_server, tmp_path):

@@ -48,7 +48,9 @@ class PolicyPublisher:
 
     Weights travel as safetensors shards of at most `shard_bytes`, each streamed straight from
     the tensors (no serialized copy in memory) and hashed on both ends as it goes; a shard that
-    arrives other than sent is sent again, on its own, as after connection trouble. The version appears
+    arrives other than sent is sent again, on its own, as after connection trouble (a server from
+    before streaming, which wants each shard's sha256 up front, gets it: the shard is hashed
+    first, one more pass over its tensors). The version appears
     atomically once every shard is in. A publish that fails anyway raises with its upload id
     (`exc.upload`): `publish(state, resume=exc.upload)` sends only the shards still missing.
     The tensors are read while they are sent: do not change them until `publish` returns."""
@@ -67,13 +69,16 @@ class PolicyPublisher:
         shards = [SafetensorsStream(tensors) for tensors in split_shards(state, self.shard_bytes)]
         names = [WEIGHTS_FILE] if len(shards) == 1 else [shard_name(i, len(shards)) for i in range(len(shards))]
         upload = resume or self._call("POST", "/v1/uploads").json()["upload"]
-        have = self._call("GET", f"/v1/uploads/{upload}", upload).json()["files"]
+        status = self._call("GET", f"/v1/uploads/{upload}", upload).json()
+        have, digest_first = status["files"], status.get("digest_first", True)  # absent: a server from before streaming
         digests, sent = {}, 0
         for name, shard in zip(names, shards):
-            if have.get(name, {}).get("size") == shard.size and have[name]["sha256"] == (digest := shard.sha256()):
+            held = have.get(name, {})
+            digest = shard.sha256() if digest_first or held.get("size") == shard.size else None  # one pass, no send
+            if digest is not None and held.get("sha256") == digest:
                 digests[name] = digest  # resuming: the server has this one
             else:
-                digests[name] = self._put_shard(upload, name, shard)
+                digests[name] = self._put_shard(upload, name, shard, digest if digest_first else None)
                 sent += 1
         self.last_upload = {"upload": upload, "shards": len(names), "sent": sent, "skipped": len(names) - sent}
         query = f"?version={version}" if version is not None else ""
@@ -91,28 +96,32 @@ class PolicyPublisher:
                 raise _with_upload(exc, upload) from None
         return r
 
-    def _put_shard(self, upload: str, name: str, shard: SafetensorsStream) -> str:
+    def _put_shard(self, upload: str, name: str, shard: SafetensorsStream, known: str | None = None) -> str:
         """One shard, streamed from the tensors and hashed as it goes (the server hashes what
-        arrives: both passes overlap); its sha256. Connection trouble, or bytes that arrived
-        other than sent, retries this shard only."""
+        arrives: both passes overlap); its sha256. `known`: the digest computed beforehand, sent
+        up front as X-Sha256 (servers from before streaming require it). Connection trouble, or
+        bytes that arrived other than sent, retries this shard only."""
         url = f"{self.url}/v1/uploads/{upload}/{name}"
         for attempt in range(self.retries + 1):
             digest = hashlib.sha256()
 
             def body():
                 for chunk in shard.chunks():
-                    digest.update(chunk)
+                    if known is None:
+                        digest.update(chunk)
                     yield chunk
 
             # urllib moves bulk bytes faster than httpx here
             req = urllib.request.Request(url, data=body(), method="PUT", headers={
-                **self.headers, "Content-Length": str(shard.size), "Content-Type": "application/octet-stream"})
+                **self.headers, "Content-Length": str(shard.size), "Content-Type": "application/octet-stream",
+                **({"X-Sha256": known} if known else {})})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     got = json.loads(r.read())["sha256"]
-                if got == digest.hexdigest():
+                sent = known or digest.hexdigest()
+                if got == sent:
                     return got
-                error = f"the server received other bytes (sha256 {got}, sent {digest.hexdigest()})"
+                error = f"the server received other bytes (sha256 {got}, sent {sent})"
             except urllib.error.HTTPError as exc:
                 if exc.code < 500:
                     try:

@@ -158,7 +158,9 @@ def create_app(store: PolicyStore, token: str, redis_url: str | None = None, pre
         path = session(request)
         if isinstance(path, Response):
             return path
-        return JSONResponse({"files": received(path)})
+        # "digest_first": false tells publishers they may stream a shard and learn its sha256 at
+        # the end (servers before that required X-Sha256 with every shard; they do not say this)
+        return JSONResponse({"files": received(path), "digest_first": False})
 
     async def commit(request: Request) -> Response:
         path = session(request)

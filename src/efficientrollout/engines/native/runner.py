@@ -37,7 +37,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> Tensor:
-        """Write the prompts' K/V into `slots`; logits [n, V] at each prompt's last token."""
+        """Write the prompts' K/V into `slots`; logits [n, V] at each prompt's last token.
+
+        Equal prompts (the n samples of a request: a GRPO group) run through the model once; the
+        first one's K/V are copied into the others' slots."""
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
+        unique = sorted(first.values())
+        if len(unique) == len(prompts):
+            return self._prefill(prompts, slots)
+        logits = self._prefill([prompts[i] for i in unique], [slots[i] for i in unique])
+        for i, j in enumerate(source):
+            if i != j:
+                self.cache.move(slots[j], slots[i], len(prompts[i]))
+        row = {j: r for r, j in enumerate(unique)}
+        return logits[[row[j] for j in source]]
+
+    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> Tensor:
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lengths.max())
         # Right padding: a short row writes junk K/V past its end; decode overwrites each of
