@@ -148,6 +148,15 @@ def _graphs_wanted() -> bool:
     return os.environ.get("EFFICIENTROLLOUT_CUDA_GRAPHS", "0") == "1"
 
 
+def _mamba_extra_buffer(server_args) -> bool:
+    method = getattr(server_args, "enable_mamba_extra_buffer", None)
+    if callable(method):  # SGLang 0.5.18
+        return bool(method())
+    from sglang.srt.runtime_context import get_exec  # 0.5.23: in the resolved config
+
+    return bool(getattr(get_exec().mamba, "enable_mamba_extra_buffer", False))
+
+
 def derive_draft(layer, weight, apply) -> None:
     """Quantize `weight` into `layer._er_draft`; `apply(x)` is the layer's own (target) forward.
     Once graphs are captured, into the draft's own tensors (the graphs read them)."""
@@ -177,18 +186,20 @@ def _patch_sglang() -> None:
                             LogitsProcessor._compute_lm_head)
     _target_apply = apply
 
-    def process_weights_after_loading(self, layer):
+    # These run in every SGLang process with this package installed, whatever its algorithm:
+    # they pass on any argument a newer SGLang adds (0.5.23's lm head takes `out=`)
+    def process_weights_after_loading(self, layer, *args, **kwargs):
         if _enabled() and getattr(layer, "weight", None) is not None and layer.weight.dim() == 2:
             derive_draft(layer, layer.weight, lambda x, method=self, layer=layer: apply(method, layer, x, layer.bias))
-        return load(self, layer)
+        return load(self, layer, *args, **kwargs)
 
-    def apply_draft(self, layer, x, bias=None):
+    def apply_draft(self, layer, x, *args, **kwargs):
         draft = getattr(layer, "_er_draft", None) if _drafting else None
-        return apply(self, layer, x, bias) if draft is None else draft(x)
+        return apply(self, layer, x, *args, **kwargs) if draft is None else draft(x)
 
-    def compute_lm_head(self, hidden_states, head, embedding_bias=None):
+    def compute_lm_head(self, hidden_states, head, *args, **kwargs):
         draft = getattr(head, "_er_draft", None) if _drafting else None
-        return lm_head(self, hidden_states, head, embedding_bias) if draft is None else draft(hidden_states)
+        return lm_head(self, hidden_states, head, *args, **kwargs) if draft is None else draft(hidden_states)
 
     UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
     UnquantizedLinearMethod.apply = apply_draft
@@ -329,14 +340,16 @@ def _worker_base():
 class SelfDraftWorker(_worker_base()):
     """SGLang's speculative worker for our algorithm (spec-v2 schema, synchronous)."""
 
-    def __init__(self, server_args, gpu_id, ps, nccl_port, target_worker):
+    def __init__(self, server_args, gpu_id, nccl_port, target_worker, ps=None):  # SGLang passes keywords (0.5.23: no ps)
         super().__init__()
         self.server_args = server_args
         self._target_worker = target_worker
         self._draft_worker = None
         self.model_runner = target_worker.model_runner
         self.device = self.model_runner.device
-        self.k_max = server_args.speculative_num_steps
+        from sglang.srt.runtime_context import get_spec
+
+        self.k_max = server_args.speculative_num_steps or get_spec().speculative_num_steps  # 0.5.23: the resolved value
         self.stride = self.k_max + 1  # every result is laid out for the longest verify
         self.speculative_num_draft_tokens = self.stride
         mode = os.environ.get("EFFICIENTROLLOUT_SPECULATION", "adaptive")
@@ -369,8 +382,11 @@ class SelfDraftWorker(_worker_base()):
         """SGLang's scheduler calls this once the target's graphs are captured: ours follow."""
         if not (self.cuda and getattr(self.model_runner, "decode_cuda_graph_runner", None) is not None):
             return
+        if not _graphs_wanted():  # SGLang may have captured its own (a K_max + 1 verify) despite handle_server_args
+            self.model_runner.decode_cuda_graph_runner = None
+            return
         args = self.server_args
-        if args.enable_lora or args.enable_mamba_extra_buffer():  # shared per-width state our extra runners would reset
+        if args.enable_lora or _mamba_extra_buffer(args):  # shared per-width state our extra runners would reset
             log.warning("%s: no CUDA graphs of its own with LoRA or mamba extra buffers; its steps run eagerly", ALGORITHM)
             self.model_runner.decode_cuda_graph_runner = None
             return
@@ -448,7 +464,7 @@ class SelfDraftWorker(_worker_base()):
 
     # ---- one scheduler step ----------------------------------------------------------------
 
-    def forward_batch_generation(self, batch, on_publish=None):
+    def forward_batch_generation(self, batch, on_publish=None, **_):  # 0.5.23 adds pp_proxy_tensors (no pipeline parallelism here)
         if self.weights_changed:
             self.refresh_drafts()
         bs = len(batch.reqs)
@@ -625,12 +641,11 @@ def _chain_input(chain, seq_lens, width: int):
             def tree_topk(self) -> int:
                 return 1
 
-            def generate_attn_arg_prefill(self, req_pool_indices, paged_kernel_lens, paged_kernel_lens_sum, req_to_token):
+            def generate_attn_arg_prefill(self, *args, **kwargs):  # SGLang's arguments (0.5.23: keyword-only, others)
                 """The paged-attention layout of a verify (FlashInfer); no tree mask: a chain is
                 causal, as SGLang's capture of a custom algorithm's verify graph assumes."""
                 self.custom_mask = torch.empty(0, dtype=torch.bool, device=self.device)
-                kv_indices, kv_indptr, qo_indptr, _ = super().generate_attn_arg_prefill(
-                    req_pool_indices, paged_kernel_lens, paged_kernel_lens_sum, req_to_token)
+                kv_indices, kv_indptr, qo_indptr, _ = super().generate_attn_arg_prefill(*args, **kwargs)
                 return kv_indices, kv_indptr, qo_indptr, None
 
         _ChainInput = ChainVerifyInput
