@@ -82,6 +82,27 @@ def test_samples_of_one_prompt_are_prefilled_once(tiny_engine, hf_model):
         assert torch.allclose(torch.tensor(r.logprobs), ref_lp, atol=1e-4, rtol=0)
 
 
+def test_the_prefill_budget_counts_a_shared_prompt_once(tiny_dir):
+    """max_prefill_tokens bounds the rows a prefill forward computes: a request's 6 samples,
+    one prompt, are admitted together under a budget that two different prompts exceed."""
+    from conftest import PLAIN
+
+    from efficientrollout.engines.native import EngineConfig, NativeEngine
+
+    prompt = "The quick brown fox jumps over"
+    width = len(NativeEngine(EngineConfig(model=str(tiny_dir), dtype="float32", max_batch_size=8, max_seq_len=64, speculation=PLAIN))
+                .generate([req(0, prompt, max_new_tokens=1)])[0].prompt_token_ids)
+    engine = NativeEngine(EngineConfig(model=str(tiny_dir), dtype="float32", max_batch_size=8, max_seq_len=64, max_prefill_tokens=width,
+                                       speculation=PLAIN))
+    forwards = []
+    engine.decoder.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    engine.generate([req(0, prompt, n=6, max_new_tokens=1)])
+    assert forwards == [(1, width)]  # one forward, one row, for all six samples
+    forwards.clear()
+    engine.generate([req(0, prompt, max_new_tokens=1), req(1, prompt.upper(), max_new_tokens=1)])
+    assert len(forwards) == 2  # two prompts: over the budget together
+
+
 def test_top_k_one_is_greedy_and_top_p_restricts_support(tiny_engine, hf_model):
     greedy = tiny_engine.generate([req(0, "Once upon", temperature=0.0, max_new_tokens=10, ignore_eos=True)])[0]
     topk1 = tiny_engine.generate([req(0, "Once upon", temperature=1.5, top_k=1, max_new_tokens=10, seed=3, ignore_eos=True)])[0]

@@ -241,11 +241,13 @@ class NativeEngine:
         free = self.config.max_batch_size - len(running)
         while waiting and free > 0:
             group = [waiting.popleft()]
+            prompts = {tuple(group[0].prompt_ids)}  # equal prompts run once (runner.prefill): the budget counts each once
             while waiting and len(group) < free:
                 width = max(len(s.prompt_ids) for s in (*group, waiting[0]))
-                if width * (len(group) + 1) > self.config.max_prefill_tokens:
+                if width * len(prompts | {tuple(waiting[0].prompt_ids)}) > self.config.max_prefill_tokens:
                     break
                 group.append(waiting.popleft())
+                prompts.add(tuple(group[-1].prompt_ids))
             free -= len(group)
             t0 = time.perf_counter()
             slots = list(range(len(running), len(running) + len(group)))
