@@ -216,9 +216,11 @@ class EngineService:
         self.metrics.last_weight_update_seconds = time.perf_counter() - t0
         await self._beat()  # tell `status` (and trainers waiting for the version) now, not at the next beat
         t0 = time.perf_counter()
-        await engine_thread().run(self.engine.settle)  # deferred work (re-quantization) while idle
-        log.info("now serving policy version %d (download %.2fs + load %.2fs; then settled in %.2fs)", latest, downloaded,
-                 self.metrics.last_weight_update_seconds - downloaded, time.perf_counter() - t0)
+        try:
+            await engine_thread().run(self.engine.settle)  # deferred work (re-quantization) while idle
+        finally:  # the new weights serve whatever settle did
+            log.info("now serving policy version %d (download %.2fs + load %.2fs; then settled in %.2fs)", latest, downloaded,
+                     self.metrics.last_weight_update_seconds - downloaded, time.perf_counter() - t0)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -98,9 +98,11 @@ class PolicyPublisher:
 
     def _put_shard(self, upload: str, name: str, shard: SafetensorsStream, known: str | None = None) -> str:
         """One shard, streamed from the tensors and hashed as it goes (the server hashes what
-        arrives: both passes overlap); its sha256. `known`: the digest computed beforehand, sent
-        up front as X-Sha256 (servers from before streaming require it). Connection trouble, or
-        bytes that arrived other than sent, retries this shard only."""
+        arrives: both passes overlap); its sha256. Connection trouble, or bytes that arrived other
+        than sent, retries this shard only. `known`: the digest computed beforehand, sent up front
+        as X-Sha256 (servers from before streaming require it); such a server refuses bytes that
+        arrived damaged (HTTP 400), which raises: `publish(state, resume=exc.upload)` sends the
+        shard again."""
         url = f"{self.url}/v1/uploads/{upload}/{name}"
         for attempt in range(self.retries + 1):
             digest = hashlib.sha256()

@@ -440,7 +440,8 @@ class SelfDraftWorker(_worker_base()):
 
             def __getattr__(self, name):
                 attr = getattr(self._inner, name)
-                if not (name.startswith("update_weights_from") and callable(attr)):
+                # 0.5.23's distributed path: load_weights_from_distributed, then end_weight_update
+                if not (name.startswith(("update_weights_from", "load_weights_from", "end_weight_update")) and callable(attr)):
                     return attr
 
                 def update(*args, **kwargs):

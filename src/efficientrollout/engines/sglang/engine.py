@@ -98,6 +98,8 @@ class SGLangEngine:
             args += ["--disable-cuda-graph", "--disable-overlap-schedule"]
         if s.sglang_speculation == "efficientrollout":
             args += ["--speculative-algorithm", "EFFICIENTROLLOUT", "--speculative-num-steps", str(c.speculation.k_max)]
+            if self.device.type != "cpu" and os.environ.get("EFFICIENTROLLOUT_CUDA_GRAPHS", "0") != "1":
+                args += ["--disable-cuda-graph"]  # the worker would drop SGLang's graphs: do not capture them
         if s.sglang_speculation == "standalone":
             args += ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(model_dir),
                      "--speculative-num-steps", str(s.sglang_draft_tokens - 1), "--speculative-eagle-topk", "1",
