@@ -98,3 +98,17 @@ def test_adaptive_measures_a_batch_size_it_never_drafted_at():
     gate.observe_draft(2, 0.001)  # once measured there, the prediction decides again
     gate.observe_verify(2, 2, 0.5)
     assert all(gate.choose(2, wave_filled=True, k_cap=8) == 0 for _ in range(64))
+
+
+def test_adaptive_trusts_interpolation_between_the_probes_batch_sizes():
+    """Between measured batch sizes at most 4x apart (the start-up probe's 1, 4, 16, 64) the gate
+    interpolates instead of drafting once at every size: a draft at 48 rows, where speculation
+    clearly loses, cost 4-5x a plain step in GRPO replays."""
+    gate = SpeculationGate(SpeculationConfig(explore_every=4))
+    for b, plain, draft in ((16, 0.05, 0.04), (64, 0.15, 0.14)):  # drafting costs nearly a full step
+        gate.observe_target(b, plain)
+        gate.observe_draft(b, draft)
+        gate.observe_verify(b, 2, 4 * plain)
+    assert gate.draft.measured(32) and gate.draft.measured(48) and not gate.draft.measured(8)
+    assert all(gate.choose(48, wave_filled=True, k_cap=8) == 0 for _ in range(32))
+    assert any(gate.choose(8, wave_filled=True, k_cap=8) > 0 for _ in range(32))  # below the probes: measured

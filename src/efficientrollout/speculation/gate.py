@@ -91,9 +91,15 @@ class CostTable:
         old = self.ema.get(b)
         self.ema[b] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
-    def measured(self, n: int) -> bool:
-        """Whether n's own bucket was measured (else predict() interpolates or extrapolates)."""
-        return _bucket(n) in self.ema
+    def measured(self, n: int, span: float = 4.0) -> bool:
+        """Whether predict(n) rests on measurements: n's own bucket, or an interpolation between
+        measured buckets at most `span` apart in ratio (the start-up probe's 1, 4, 16, 64), not an
+        extrapolation or a long interpolation."""
+        b = _bucket(n)
+        if b in self.ema:
+            return True
+        lo, hi = [k for k in self.ema if k < b], [k for k in self.ema if k > b]
+        return bool(lo and hi) and min(hi) / max(lo) <= span
 
     def predict(self, n: int) -> float | None:
         if not self.ema:
@@ -219,7 +225,7 @@ class SpeculationGate:
             if probe_k == 0 and best > 0:
                 return 0  # plain's cost is only measured on plain steps: never let it go stale
             if probe_k > 0 and not self.draft.measured(batch):
-                return probe_k  # a batch size never drafted at: predictions here are extrapolations, measure
+                return probe_k  # far from any batch size drafted at: predictions here are extrapolations, measure
             probe_cost, best_cost = self.predicted_cost(batch, probe_k), self.predicted_cost(batch, best)
             if probe_cost is None or best_cost is None or probe_cost <= best_cost * (1 + cfg.explore_margin):
                 return probe_k
