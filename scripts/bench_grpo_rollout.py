@@ -28,6 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from grpo import step_requests  # noqa: E402
 
 
+def phases(trace) -> dict[str, list]:
+    """Decode steps and their seconds by running rows (1-2, 3-5, 6-12, 13+) and kind (plain or
+    speculative): where the wave's time went."""
+    out: dict[str, list] = {}
+    for s in trace:
+        rows = "1-2" if s.batch <= 2 else "3-5" if s.batch <= 5 else "6-12" if s.batch <= 12 else "13+"
+        entry = out.setdefault(f"{rows} {'spec' if s.k else 'plain'}", [0, 0.0])
+        entry[0] += 1
+        entry[1] = round(entry[1] + s.seconds, 2)
+    return dict(sorted(out.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="the example's --seed")
@@ -64,6 +76,7 @@ def main() -> None:
             t0 = time.perf_counter()
             results = engines[mode].generate(fixed)
             row[f"{mode}_s"] = round(time.perf_counter() - t0, 2)
+            row[f"{mode}_phases"] = phases(engines[mode].trace)
             if mode == "adaptive":
                 drafted = sum(r.speculation.drafted for r in results)
                 row["acceptance"] = round(sum(r.speculation.accepted for r in results) / max(drafted, 1), 3)
