@@ -75,7 +75,9 @@ std::tuple<at::Tensor, at::Tensor> int8_quantize_rows(const at::Tensor& w) {
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
   const bool bf16 = src.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  // ~1M weights per task: a layer's worth runs on one thread (split, it waited on a busy core)
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> widened(bf16 ? K : 0);  // bf16 rows widen exactly to fp32, as torchao's w.float()
     for (int64_t n = n0; n < n1; ++n) {
       const float* x;
