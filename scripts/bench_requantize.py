@@ -17,11 +17,10 @@ import statistics
 import time
 
 import torch
-from torchao.quantization import Int8Tensor, PerRow
 
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.speculation import SpeculationConfig
-from efficientrollout.speculation.drafter import int8_rows
+from efficientrollout.speculation.drafter import int8_rows, torchao_int8_rows
 
 
 def main() -> None:
@@ -33,19 +32,15 @@ def main() -> None:
     os.sched_setaffinity(0, {a.cpu})
     torch.set_num_threads(1)
 
-    def torchao(w):
-        q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
-        return q.qdata.contiguous(), q.scale.reshape(-1).float()
-
     results = {}
     for dtype in a.dtypes.split(","):
         engine = NativeEngine(EngineConfig(device="cpu", dtype=dtype, speculation=SpeculationConfig(mode="adaptive")))
         weights = [q._source[0].weight.detach() for q in engine.drafter.linears]
         for w in weights:
-            assert all(torch.equal(x, y) for x, y in zip(int8_rows(w), torchao(w))), "int8_rows differs from torchao"
+            assert all(torch.equal(x, y) for x, y in zip(int8_rows(w), torchao_int8_rows(w))), "int8_rows differs from torchao"
         times: dict[str, list[float]] = {"torchao_s": [], "int8_rows_s": [], "requantize_s": []}
         for rep in range(a.repeats):
-            for name, fn in (("torchao_s", torchao), ("int8_rows_s", int8_rows))[:: 1 if rep % 2 == 0 else -1]:
+            for name, fn in (("torchao_s", torchao_int8_rows), ("int8_rows_s", int8_rows))[:: 1 if rep % 2 == 0 else -1]:
                 t0 = time.perf_counter()
                 for w in weights:
                     fn(w)

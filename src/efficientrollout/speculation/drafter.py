@@ -97,16 +97,21 @@ def drafter_kernel(drafter: str, device: torch.device, dtype: torch.dtype, overr
     return "none" if drafter == "exact" else pick_kernel(device, 4 if drafter == "int4" else 8, dtype, override)
 
 
-def int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+def torchao_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """torchao's symmetric per-row int8 of `w` (`Int8Tensor.from_hp(w.float(), PerRow())`): int8
-    rows and an fp32 scale each. On CPUs our kernel computes the same numbers in one pass
-    (quantize_cpu.cpp, bit for bit): SmolLM2's fp32 drafter re-derives in 0.1 s instead of 0.8-1.1."""
+    rows and an fp32 scale each."""
     from torchao.quantization import Int8Tensor, PerRow
 
-    if w.device.type == "cpu" and w.dim() == 2 and w.dtype in (torch.float32, torch.bfloat16) and (ops := cpu_ops()) is not None:
-        return ops.int8_quantize_rows(w)
     q = Int8Tensor.from_hp(w.float(), granularity=PerRow())
     return q.qdata.contiguous(), q.scale.reshape(-1).float()
+
+
+def int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """`torchao_int8_rows(w)`; on CPUs our kernel computes the same numbers in one pass
+    (quantize_cpu.cpp, bit for bit): SmolLM2's fp32 drafter re-derives in 0.1 s instead of 0.8-1.1."""
+    if w.device.type == "cpu" and w.dim() == 2 and w.dtype in (torch.float32, torch.bfloat16) and (ops := cpu_ops()) is not None:
+        return ops.int8_quantize_rows(w)
+    return torchao_int8_rows(w)
 
 
 class QuantLinear(nn.Module):
