@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import tempfile
 
@@ -217,6 +218,9 @@ def test_two_workers_one_version_bump_results_match_the_wave_version(tmp_path, t
         assert set(per_engine) == {"engine-1", "engine-2"}
         assert all(v == sorted(v) for v in per_engine.values())  # versions never go back
         wait_for(lambda: {q.engine_version("engine-1"), q.engine_version("engine-2")} == {1}, 30, "both engines on version 1")
+        logs = [(f.workdir / "logs" / f"engine-{i}.log").read_text() for i in (1, 2)]
+        how = sorted(re.search(r"now serving policy version 1 \((download|from this host's cache) ", log)[1] for log in logs)
+        assert how == ["download", "from this host's cache"]  # one download for the host
 
 
 def test_a_fleet_removes_the_directory_it_made_unless_it_failed(redis_server, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ downloads, concurrent publishes that conflict cleanly, and client-side error cla
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.server
 import socket
@@ -25,6 +26,7 @@ from efficientrollout.policies import (
     PolicyPublisher,
     PolicyStore,
     PolicyUnavailable,
+    WeightCache,
 )
 from efficientrollout.policies.server import create_app
 from efficientrollout.policies.store import SafetensorsStream
@@ -167,6 +169,57 @@ def test_download_resumes_a_partial_file(policy_server, tmp_path):
     (dest / "v1.model.safetensors").write_bytes(full[:1000])  # a download cut short
     path = PolicyClient(url, "r3ad").download(1, dest)
     assert path.read_bytes() == full
+
+
+class CountingClient(PolicyClient):
+    """A real client that counts the files it fetched from the server."""
+
+    fetched = 0
+
+    def _fetch(self, *args):
+        CountingClient.fetched += 1
+        return super()._fetch(*args)
+
+
+def test_engines_on_one_host_download_a_version_once(policy_server, tmp_path):
+    url, store, _ = policy_server
+    publisher = PolicyPublisher(url, "s3cret")
+    state = {"w": torch.randn(300_000)}
+    publisher.publish(state)
+    CountingClient.fetched = 0
+    caches = [WeightCache(tmp_path / "cache") for _ in range(3)]
+    got: list = [None] * 3
+
+    def engine(i):
+        got[i] = caches[i].fetch(CountingClient(url, "r3ad"), 1)
+
+    threads = [threading.Thread(target=engine, args=(i,)) for i in range(3)]
+    with open(tmp_path / "cache" / "lock", "a") as lock:  # all three ask while the cache is busy
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert CountingClient.fetched == 1 and sorted(fetched for _, fetched in got) == [False, False, True]
+    assert len({path for path, _ in got}) == 1 and torch.equal(read_state_dict(got[0][0])["w"], state["w"])
+
+    for v in (2, 3, 4):  # the two newest complete versions stay: an engine may still be loading the older
+        publisher.publish({"w": state["w"] * v})
+        caches[0].fetch(PolicyClient(url, "r3ad"), v)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("v*")) == [
+        "v3.json", "v3.model.safetensors", "v4.json", "v4.model.safetensors"]
+    # other weights under a cached number (a policy server restarted on an empty store): fetched again
+    (tmp_path / "cache" / "v4.json").write_bytes(b'{"version":4,"created":0.0,"files":[]}')
+    path, fetched = caches[1].fetch(PolicyClient(url, "r3ad"), 4)
+    assert fetched and torch.equal(read_state_dict(path)["w"], state["w"] * 4)
+
+    caches[0].close()
+    caches[1].close()
+    assert (tmp_path / "cache" / "v4.json").exists()  # one engine still uses the cache
+    caches[2].close()
+    assert not (tmp_path / "cache").exists()  # the last one removes it
+    assert WeightCache(tmp_path / "cache").fetch(PolicyClient(url, "r3ad"), 4)[1]  # and a newcomer starts over
 
 
 def test_weights_and_manifests_need_a_read_token(policy_server, tmp_path):

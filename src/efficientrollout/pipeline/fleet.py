@@ -83,7 +83,7 @@ class Fleet:
             self.engines.append(self._spawn(f"engine-{self._started}", [
                 "engine", "--redis", self.redis_url, "--policy", self.policy_url, "--prefix", self.prefix,
                 "--engine-id", f"engine-{self._started}", "--threads", str(threads), "--metrics-port", "0",
-                *self.engine_args], env={"EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token}, cpus=self.engine_cpus))
+                "--download-dir", str(self.workdir / "downloads"), *self.engine_args], env={"EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token}, cpus=self.engine_cpus))
         self.n_engines = n
         if wait_ready:
             self._wait(lambda: len(self.status()["engines"]) >= n, timeout, f"{n} engines")

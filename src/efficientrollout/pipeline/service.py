@@ -1,7 +1,8 @@
 """The long-running engine process behind `efficientrollout engine`.
 
 Between waves it asks the policy server for a newer version; if there is one it downloads
-it (sha256-verified, resumable), loads it in place, reports it, and then re-quantizes the
+it (sha256-verified, resumable; once per host: the engines on one machine share a
+`WeightCache`), loads it in place, reports it, and then re-quantizes the
 drafter while idle (`Engine.settle`; a wave that starts first re-quantizes before its first
 draft). Any failure there keeps the old version serving and is logged (and counted in the
 metrics). Then it claims a wave and serves it (WaveWorker). The lifecycle is the one RL
@@ -20,13 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -35,7 +33,7 @@ import msgspec
 from ..engines import Engine, EngineUnusable
 from ..engines.thread import engine_thread
 from ..options import option
-from ..policies import PolicyClient, PolicyUnavailable
+from ..policies import PolicyClient, PolicyUnavailable, WeightCache, default_cache_root
 from ..protocol import EngineStatus, WaveTrace
 from ..queue import RolloutQueue
 from .metrics import WorkerMetrics, serve_http
@@ -76,7 +74,8 @@ class WorkerConfig:
     drain_timeout_s: float = option(30.0, "on SIGTERM: finish the wave if it ends within this, else release it")
     metrics_host: str = option("127.0.0.1", "address of /metrics and /healthz")
     metrics_port: int | None = option(None, "serve /metrics and /healthz on this port (0: any free port; none: off)")
-    download_dir: str | None = option(None, "where weight downloads land (none: a temporary directory)")
+    download_dir: str | None = option(None, "where weight downloads land, shared by the engines on this host that name "
+                                            "the same one (none: <tmp>/efficientrollout-weights-<uid>)")
 
     def __post_init__(self) -> None:
         if self.wave_size < 1 or self.lease_ms < 100 or self.max_deliveries < 1:
@@ -94,12 +93,22 @@ class EngineService:
         self.metrics_port: int | None = None
         self._bad_versions: set[int] = set()
         self._last_poll = 0.0
-        self._downloads = Path(config.download_dir or tempfile.mkdtemp(prefix="efficientrollout-weights."))
+        self._cache: WeightCache | None = None  # joined in run(), left when it ends
         self.keys = self.queue.keys
         self._started = time.time()
 
     async def run(self) -> None:
         log.info("engine %s serving version %d from %s", self.engine.engine_id, self.engine.version, self.config.redis_url)
+        if self.policy is not None:
+            self._cache = WeightCache(default_cache_root(self.policy.url, self.config.download_dir))
+        try:
+            await self._run()
+        finally:
+            if self._cache is not None:
+                self._cache.close()
+        log.info("engine %s stopped after %d waves", self.engine.engine_id, self.metrics.waves)
+
+    async def _run(self) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self.worker = WaveWorker(self.engine, self.queue, self.engine.engine_id, self.config.wave_size)
@@ -117,9 +126,6 @@ class EngineService:
             except _REDIS_DOWN:
                 pass
             await self.queue.close()
-        if not self.config.download_dir:  # the temporary one made for this process (downloads are removed once loaded)
-            shutil.rmtree(self._downloads, ignore_errors=True)
-        log.info("engine %s stopped after %d waves", self.engine.engine_id, self.metrics.waves)
 
     def stop(self, now: bool = False) -> None:
         """Stop claiming; with now=True also stop the current wave and release its entries."""
@@ -197,16 +203,16 @@ class EngineService:
             return
         self.state = "updating"
         t0 = time.perf_counter()
-        try:
-            path = await anyio.to_thread.run_sync(self.policy.download, latest, self._downloads)
+        path = None
+        try:  # the first engine on this host downloads the version; the others wait for it and share it
+            path, fetched = await anyio.to_thread.run_sync(self._cache.fetch, self.policy, latest)
             downloaded = time.perf_counter() - t0
-            try:
-                await engine_thread().run(self.engine.update_weights, path, latest)
-            finally:  # one file, or a directory of shards
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            await engine_thread().run(self.engine.update_weights, path, latest)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving
             self.metrics.weight_update_failures += 1
-            if not isinstance(exc, PolicyUnavailable):  # refused (4xx), bad bytes, misfit tensors: never retried
+            # refused (4xx), bad bytes, misfit tensors: never retried; unreachable, or removed from
+            # the cache by two newer versions while this engine was loading it: asked again later
+            if not isinstance(exc, PolicyUnavailable) and (path is None or path.exists()):
                 self._bad_versions.add(latest)
             log.error("could not load policy version %d (%s: %s); still serving version %d",
                       latest, type(exc).__name__, exc, self.engine.version)
@@ -219,7 +225,8 @@ class EngineService:
         try:
             await engine_thread().run(self.engine.settle)  # deferred work (re-quantization) while idle
         finally:  # the new weights serve whatever settle did
-            log.info("now serving policy version %d (download %.2fs + load %.2fs; then settled in %.2fs)", latest, downloaded,
+            log.info("now serving policy version %d (%s %.2fs + load %.2fs; then settled in %.2fs)", latest,
+                     "download" if fetched else "from this host's cache", downloaded,
                      self.metrics.last_weight_update_seconds - downloaded, time.perf_counter() - t0)
 
     async def _watch_signals(self) -> None:

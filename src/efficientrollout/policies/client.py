@@ -166,10 +166,11 @@ class PolicyClient:
             _raise_for_status(path, r.status_code, r.text)
         return r
 
-    def download(self, version: int, dest: Path) -> Path:
+    def download(self, version: int, dest: Path, manifest: WeightManifest | None = None) -> Path:
         """Fetch the version's weights into `dest` (a directory), each file verified against the
-        manifest: the file itself for a one-file version, else a directory of its shards."""
-        files = self.manifest(version).files
+        manifest (fetched unless given): the file itself for a one-file version, else a
+        directory of its shards."""
+        files = (manifest or self.manifest(version)).files
         dest.mkdir(parents=True, exist_ok=True)
         if [f.name for f in files] == [WEIGHTS_FILE]:
             return self._fetch(version, files[0], dest / f"v{version}.{WEIGHTS_FILE}")
