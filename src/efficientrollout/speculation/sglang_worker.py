@@ -590,10 +590,26 @@ class SelfDraftWorker(_worker_base()):
     def _attention(self, k: int):
         """K's own attention backend installed for one (eager or graph-fallback) verify."""
         backend = self.backends.get(k)
-        if backend is None:
+        if backend is not None:
+            with _swapped(self.model_runner, "attn_backend", backend):
+                yield
+            return
+        backend = self.model_runner.attn_backend
+        if type(backend).__name__ != "IntelAMXAttnBackend":
             yield
             return
-        with _swapped(self.model_runner, "attn_backend", backend):
+        init = backend.init_forward_metadata
+
+        def init_verify(forward_batch):
+            """The CPU backend derives a verify's lengths (committed + width) into its metadata,
+            but 0.5.18 passes the batch's committed lengths to the extend kernel, which takes
+            prefix + extend: the chain then attends to a cut prefix. The batch carries the
+            derived lengths too, whichever one a release reads."""
+            init(forward_batch)
+            if forward_batch.forward_mode.is_target_verify() and backend.extend_metadata is not None:
+                forward_batch.seq_lens = backend.extend_metadata[0]
+
+        with _swapped(backend, "init_forward_metadata", init_verify):
             yield
 
     def _result(self, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
