@@ -222,6 +222,17 @@ def test_engines_on_one_host_download_a_version_once(policy_server, tmp_path):
     assert WeightCache(tmp_path / "cache").fetch(PolicyClient(url, "r3ad"), 4)[1]  # and a newcomer starts over
 
 
+def test_a_weight_cache_others_could_write_to_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant weights next to a matching manifest: they load unhashed
+    with pytest.raises(PermissionError, match="only this user can change"):
+        WeightCache(shared / "cache")
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot replace what is ours
+    WeightCache(shared / "cache").close()
+    assert not (shared / "cache").exists()
+
+
 def test_weights_and_manifests_need_a_read_token(policy_server, tmp_path):
     url, store, _ = policy_server
     PolicyPublisher(url, "s3cret").publish({"w": torch.randn(100)})

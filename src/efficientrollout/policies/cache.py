@@ -15,7 +15,9 @@ Layout under `root` (one directory per policy server, mode 0700):
 A version counts only with its manifest next to it and equal to the server's (a server restarted
 on an empty store may number other weights v<N> again). A cut download is resumed by the next
 engine. The two newest complete versions are kept (an engine may still be loading the older);
-older ones go as soon as a newer one is complete.
+older ones go as soon as a newer one is complete. Files here are loaded without hashing them
+again, so the directory and its parent must be writable by this user alone (a sticky parent,
+as /tmp, is fine).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -42,12 +45,21 @@ def default_cache_root(policy_url: str, base: str | os.PathLike | None = None) -
     return base / hashlib.sha256(policy_url.rstrip("/").encode()).hexdigest()[:16]
 
 
+def _check_private(path: Path) -> None:
+    st = path.stat()
+    if st.st_uid != os.getuid() or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+        raise PermissionError(f"{path}: a weight cache needs directories only this user can change "
+                              f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)})")
+
+
 class WeightCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         while True:  # join; a last member may be removing the directory right now: then start over
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             try:
+                for d in (self.root.parent, self.root):  # loaded without a second sha256: nobody else may write here
+                    _check_private(d)
                 self._members = open(self.root / "members", "a")  # noqa: SIM115 - held for the cache's lifetime
             except FileNotFoundError:
                 continue
