@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import http.server
+import os
 import socket
 import threading
 import time
@@ -219,7 +220,44 @@ def test_engines_on_one_host_download_a_version_once(policy_server, tmp_path):
     assert (tmp_path / "cache" / "v4.json").exists()  # one engine still uses the cache
     caches[2].close()
     assert not (tmp_path / "cache").exists()  # the last one removes it
-    assert WeightCache(tmp_path / "cache").fetch(PolicyClient(url, "r3ad"), 4)[1]  # and a newcomer starts over
+    newcomer = WeightCache(tmp_path / "cache")
+    assert newcomer.fetch(PolicyClient(url, "r3ad"), 4)[1]  # and a newcomer starts over
+    newcomer.close()
+
+
+def test_a_weight_cache_keeps_the_version_it_just_fetched_and_resumes_only_its_own_files(policy_server, tmp_path):
+    url, store, _ = policy_server
+    publisher = PolicyPublisher(url, "s3cret")
+    state = {"w": torch.randn(1000)}
+    publisher.publish(state)
+    cache = WeightCache(tmp_path / "cache")
+    for v in (10, 11):  # complete versions numbered higher, as a server before a restart left them
+        (tmp_path / "cache" / f"v{v}.model.safetensors").write_bytes(b"old")
+        (tmp_path / "cache" / f"v{v}.json").write_bytes(b"{}")
+        time.sleep(0.01)
+    path, fetched = cache.fetch(PolicyClient(url, "r3ad"), 1)
+    assert fetched and path.exists() and torch.equal(read_state_dict(path)["w"], state["w"])
+    assert sorted(p.name for p in (tmp_path / "cache").glob("v*")) == [  # v11 completed last before it
+        "v1.json", "v1.model.safetensors", "v11.json", "v11.model.safetensors"]
+    # a cut download of other weights numbered 2, in 3 shards, does not join version 2's 2 shards
+    PolicyPublisher(url, "s3cret", shard_bytes=2500).publish({"a": torch.randn(500), "b": torch.randn(500)})
+    names = [f.name for f in store.manifest(2).files]
+    assert len(names) == 2
+    (tmp_path / "cache" / "v2").mkdir()
+    (tmp_path / "cache" / "v2" / "model-00003-of-00003.safetensors").write_bytes(b"stale")
+    path, _ = cache.fetch(PolicyClient(url, "r3ad"), 2)
+    assert sorted(p.name for p in path.iterdir()) == names
+    cache.close()
+
+
+def test_a_weight_cache_in_a_fresh_directory_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        cache = WeightCache(tmp_path / "made" / "here" / "cache")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "made" / "here").stat().st_mode & 0o777 == 0o700
+    cache.close()
 
 
 def test_a_weight_cache_others_could_write_to_is_refused(tmp_path):

@@ -33,7 +33,7 @@ import msgspec
 from ..engines import Engine, EngineUnusable
 from ..engines.thread import engine_thread
 from ..options import option
-from ..policies import PolicyClient, PolicyUnavailable, WeightCache, default_cache_root
+from ..policies import PolicyClient, PolicyError, WeightCache, default_cache_root
 from ..protocol import EngineStatus, WaveTrace
 from ..queue import RolloutQueue
 from .metrics import WorkerMetrics, serve_http
@@ -203,16 +203,16 @@ class EngineService:
             return
         self.state = "updating"
         t0 = time.perf_counter()
-        path = None
+        fetched = None
         try:  # the first engine on this host downloads the version; the others wait for it and share it
             path, fetched = await anyio.to_thread.run_sync(self._cache.fetch, self.policy, latest)
             downloaded = time.perf_counter() - t0
             await engine_thread().run(self.engine.update_weights, path, latest)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving
             self.metrics.weight_update_failures += 1
-            # refused (4xx), bad bytes, misfit tensors: never retried; unreachable, or removed from
-            # the cache by two newer versions while this engine was loading it: asked again later
-            if not isinstance(exc, PolicyUnavailable) and (path is None or path.exists()):
+            # never retried: refused (4xx) or bad bytes, and weights that do not fit; asked again later:
+            # an unreachable server, a disk problem, weights removed from the cache while loading
+            if isinstance(exc, PolicyError) or (fetched is not None and self._cache.holds(latest)):
                 self._bad_versions.add(latest)
             log.error("could not load policy version %d (%s: %s); still serving version %d",
                       latest, type(exc).__name__, exc, self.engine.version)

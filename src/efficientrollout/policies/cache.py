@@ -34,9 +34,9 @@ from pathlib import Path
 import msgspec
 
 from .client import PolicyClient
-from .store import WEIGHTS_FILE
+from .store import WEIGHTS_FILE, WeightManifest
 
-_VERSION = re.compile(r"v(\d+)(?:\.json|\.model\.safetensors)?")
+_VERSION = re.compile(rf"v(\d+)(?:\.json|\.{re.escape(WEIGHTS_FILE)})?")
 
 
 def default_cache_root(policy_url: str, base: str | os.PathLike | None = None) -> Path:
@@ -45,51 +45,77 @@ def default_cache_root(policy_url: str, base: str | os.PathLike | None = None) -
     return base / hashlib.sha256(policy_url.rstrip("/").encode()).hexdigest()[:16]
 
 
-def _check_private(path: Path) -> None:
+def _check_private(path: Path, parent: bool = False) -> None:
+    """`path` is ours and nobody else can write in it (a parent may be sticky-shared, as /tmp)."""
     st = path.stat()
-    if st.st_uid != os.getuid() or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
-        raise PermissionError(f"{path}: a weight cache needs directories only this user can change "
+    shared = st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX if parent else st.st_mode & 0o022
+    if (st.st_uid != os.getuid() and not parent) or shared:
+        raise PermissionError(f"{path}: a weight cache needs a directory only this user can change "
                               f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)})")
 
 
 class WeightCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        while True:  # join; a last member may be removing the directory right now: then start over
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                for d in (self.root.parent, self.root):  # loaded without a second sha256: nobody else may write here
-                    _check_private(d)
-                self._members = open(self.root / "members", "a")  # noqa: SIM115 - held for the cache's lifetime
+        self._join()
+
+    def _join(self) -> None:
+        while True:  # a last member may be removing the directory right now: then start over
+            self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # 0700 whatever the umask
+            self.root.mkdir(exist_ok=True, mode=0o700)
+            try:  # files here are loaded without a second sha256: nobody else may write here
+                _check_private(self.root.parent, parent=True)
+                _check_private(self.root)
+                members = open(self.root / "members", "a")  # noqa: SIM115 - held for the cache's lifetime
             except FileNotFoundError:
                 continue
-            fcntl.flock(self._members, fcntl.LOCK_SH)
+            fcntl.flock(members, fcntl.LOCK_SH)
             try:
-                if os.stat(self.root / "members").st_ino == os.fstat(self._members.fileno()).st_ino:
-                    break
+                if os.stat(self.root / "members").st_ino == os.fstat(members.fileno()).st_ino:
+                    self._members = members
+                    return
             except FileNotFoundError:
                 pass
-            self._members.close()
+            members.close()
 
     def fetch(self, client: PolicyClient, version: int) -> tuple[Path, bool]:
         """The version's verified weights (a file, or a directory of shards) and whether this
         call downloaded them (False: another engine on this host had)."""
+        if self._members.closed:
+            raise RuntimeError("this weight cache was closed")
         manifest = client.manifest(version)
         stamp = msgspec.json.encode(manifest)
-        marker = self.root / f"v{version}.json"
+        if not (self.root / "members").exists():  # removed under us (a /tmp cleaner): join again
+            self._members.close()
+            self._join()
         with open(self.root / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            path = self._path(version, [f.name for f in manifest.files])
-            if marker.exists() and marker.read_bytes() == stamp and path.exists():
+            names = [f.name for f in manifest.files]
+            path = self._path(version, names)
+            if self.complete(version, manifest):
                 return path, False
-            if marker.exists():  # other weights under the same number: not these
-                self._remove(version)
+            # other weights under this number go; a cut download (no manifest yet) resumes
+            self._remove(version, keep=() if (self.root / f"v{version}.json").exists() else names)
             path = client.download(version, self.root, manifest)
+            marker = self.root / f"v{version}.json"
             tmp = marker.with_suffix(".json.tmp")
             tmp.write_bytes(stamp)
             os.replace(tmp, marker)
-            self._prune()
+            self._prune(version)
             return path, True
+
+    def holds(self, version: int) -> bool:
+        """Whether some complete weights are here as `version` (not removed meanwhile)."""
+        return (self.root / f"v{version}.json").exists()
+
+    def complete(self, version: int, manifest: WeightManifest) -> bool:
+        """Whether the cache holds exactly these weights as `version`."""
+        marker = self.root / f"v{version}.json"
+        try:
+            return marker.read_bytes() == msgspec.json.encode(manifest) and \
+                self._path(version, [f.name for f in manifest.files]).exists()
+        except FileNotFoundError:
+            return False
 
     def close(self) -> None:
         """Leave; the last engine to leave removes the directory and every version in it."""
@@ -100,29 +126,42 @@ class WeightCache:
             fcntl.flock(self._members, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pass  # others still use it
-        else:  # nobody else holds it, and a newcomer blocked on it will see the file is gone
-            shutil.rmtree(self.root, ignore_errors=True)
+        else:  # nobody else is in; moved aside in one step, so a newcomer starts a new directory
+            gone = self.root.with_name(f".{self.root.name}.gone-{os.getpid()}-{id(self)}")
+            try:
+                os.rename(self.root, gone)
+            except OSError:
+                pass
+            else:
+                shutil.rmtree(gone, ignore_errors=True)
         self._members.close()
 
     def _path(self, version: int, names: list[str]) -> Path:
         return self.root / (f"v{version}.{WEIGHTS_FILE}" if names == [WEIGHTS_FILE] else f"v{version}")
 
-    def _versions(self) -> tuple[set[int], set[int]]:
-        """(complete, present in any form) version numbers."""
-        complete, present = set(), set()
+    def _prune(self, just: int) -> None:
+        """Keep `just` and the complete version completed before it; anything else goes."""
+        complete, present = {}, set()
         for p in self.root.iterdir():
             if m := _VERSION.fullmatch(p.name):
-                (complete if p.name.endswith(".json") else present).add(int(m.group(1)))
-        return complete, present | complete
+                present.add(v := int(m.group(1)))
+                if p.suffix == ".json":
+                    complete[v] = p.stat().st_mtime
+        previous = sorted((t, v) for v, t in complete.items() if v != just)[-1:]  # by completion, not number
+        for v in present - {just, *(v for _, v in previous)}:
+            self._remove(v)
 
-    def _prune(self) -> None:
-        complete, present = self._versions()
-        oldest_kept = sorted(complete)[-2:][0]  # and any partial download older than that goes too
-        for v in present:
-            if v < oldest_kept:
-                self._remove(v)
-
-    def _remove(self, version: int) -> None:
+    def _remove(self, version: int, keep: list[str] = ()) -> None:
+        """The version's files; with `keep`, the files a download of those names may resume."""
         (self.root / f"v{version}.json").unlink(missing_ok=True)  # first: a half-removed version is incomplete
-        (self.root / f"v{version}.{WEIGHTS_FILE}").unlink(missing_ok=True)
-        shutil.rmtree(self.root / f"v{version}", ignore_errors=True)
+        single, folder = self.root / f"v{version}.{WEIGHTS_FILE}", self.root / f"v{version}"
+        if list(keep) == [WEIGHTS_FILE]:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif keep:
+            single.unlink(missing_ok=True)
+            for f in folder.iterdir() if folder.is_dir() else ():
+                if f.name not in keep:  # a cut download's shards of other weights would load with these
+                    f.unlink()
+        else:
+            single.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)

@@ -606,11 +606,18 @@ class SelfDraftWorker(_worker_base()):
             prefix + extend: the chain then attends to a cut prefix. The batch carries the
             derived lengths too, whichever one a release reads."""
             init(forward_batch)
-            if forward_batch.forward_mode.is_target_verify() and backend.extend_metadata is not None:
+            if forward_batch.forward_mode.is_target_verify() and getattr(backend, "extend_metadata", None) is not None:
                 forward_batch.seq_lens = backend.extend_metadata[0]
 
-        with _swapped(backend, "init_forward_metadata", init_verify):
+        own = vars(backend).get("init_forward_metadata")
+        backend.init_forward_metadata = init_verify
+        try:
             yield
+        finally:
+            if own is None:
+                del backend.init_forward_metadata  # the class's own again
+            else:
+                backend.init_forward_metadata = own
 
     def _result(self, logits_output, next_token_ids, accept_tokens, new_seq_lens, accept_lens, cuda_graph, width=None):
         """A spec-v2 result; `next_draft_input` keeps the fixed layout SGLang filters and merges."""
