@@ -33,8 +33,8 @@ from pathlib import Path
 
 import msgspec
 
-from .client import PolicyClient
-from .store import WEIGHTS_FILE, WeightManifest
+from .client import PolicyClient, download_path
+from .store import WEIGHTS_FILE
 
 _VERSION = re.compile(rf"v(\d+)(?:\.json|\.{re.escape(WEIGHTS_FILE)})?")
 
@@ -88,16 +88,15 @@ class WeightCache:
         if not (self.root / "members").exists():  # removed under us (a /tmp cleaner): join again
             self._members.close()
             self._join()
+        names, marker = [f.name for f in manifest.files], self.root / f"v{version}.json"
+        path = download_path(self.root, version, names)
         with open(self.root / "lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            names = [f.name for f in manifest.files]
-            path = self._path(version, names)
-            if self.complete(version, manifest):
-                return path, False
+            if marker.exists() and marker.read_bytes() == stamp and path.exists():
+                return path, False  # exactly these weights, complete
             # other weights under this number go; a cut download (no manifest yet) resumes
-            self._remove(version, keep=() if (self.root / f"v{version}.json").exists() else names)
-            path = client.download(version, self.root, manifest)
-            marker = self.root / f"v{version}.json"
+            self._remove(version, keep=() if marker.exists() else names)
+            client.download(version, self.root, manifest)
             tmp = marker.with_suffix(".json.tmp")
             tmp.write_bytes(stamp)
             os.replace(tmp, marker)
@@ -107,15 +106,6 @@ class WeightCache:
     def holds(self, version: int) -> bool:
         """Whether some complete weights are here as `version` (not removed meanwhile)."""
         return (self.root / f"v{version}.json").exists()
-
-    def complete(self, version: int, manifest: WeightManifest) -> bool:
-        """Whether the cache holds exactly these weights as `version`."""
-        marker = self.root / f"v{version}.json"
-        try:
-            return marker.read_bytes() == msgspec.json.encode(manifest) and \
-                self._path(version, [f.name for f in manifest.files]).exists()
-        except FileNotFoundError:
-            return False
 
     def close(self) -> None:
         """Leave; the last engine to leave removes the directory and every version in it."""
@@ -135,9 +125,6 @@ class WeightCache:
             else:
                 shutil.rmtree(gone, ignore_errors=True)
         self._members.close()
-
-    def _path(self, version: int, names: list[str]) -> Path:
-        return self.root / (f"v{version}.{WEIGHTS_FILE}" if names == [WEIGHTS_FILE] else f"v{version}")
 
     def _prune(self, just: int) -> None:
         """Keep `just` and the complete version completed before it; anything else goes."""

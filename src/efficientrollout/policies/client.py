@@ -137,6 +137,12 @@ class PolicyPublisher:
         raise _with_upload(PolicyUnavailable(f"{name}: {error} after {self.retries + 1} attempts"), upload)
 
 
+def download_path(dest: Path, version: int, names: list[str]) -> Path:
+    """Where `PolicyClient.download(version, dest)` puts a version of these files: the file
+    itself for a one-file version, else a directory of its shards."""
+    return dest / (f"v{version}.{WEIGHTS_FILE}" if names == [WEIGHTS_FILE] else f"v{version}")
+
+
 class PolicyClient:
     """Engine side: the latest version, and verified downloads that resume after a cut.
 
@@ -172,13 +178,14 @@ class PolicyClient:
         directory of its shards."""
         files = (manifest or self.manifest(version)).files
         dest.mkdir(parents=True, exist_ok=True)
-        if [f.name for f in files] == [WEIGHTS_FILE]:
-            return self._fetch(version, files[0], dest / f"v{version}.{WEIGHTS_FILE}")
-        folder = dest / f"v{version}"
-        folder.mkdir(exist_ok=True)
+        names = [f.name for f in files]
+        path = download_path(dest, version, names)
+        if names == [WEIGHTS_FILE]:
+            return self._fetch(version, files[0], path)
+        path.mkdir(exist_ok=True)
         for entry in files:
-            self._fetch(version, entry, folder / entry.name)
-        return folder
+            self._fetch(version, entry, path / entry.name)
+        return path
 
     def _fetch(self, version: int, entry: FileEntry, path: Path) -> Path:
         """One file, resumed after a cut, verified against its sha256."""
