@@ -250,3 +250,28 @@ def test_a_draft_refreshed_in_place_keeps_its_tensors_and_takes_the_new_weights(
         assert torch.equal(draft(rows), fresh(rows))
     assert not torch.equal(draft(x), old)
 
+
+
+def test_bench_step_measures_each_drafters_acceptance(tiny_dir):
+    """scripts/bench_step.py --samples replays sampled replies through target and drafters: the
+    unquantized drafter agrees everywhere, the int8 one less or as often, the replay reproduces
+    the engine's own log-probs (a drafter's keys and values left in the cache would not), and
+    each batch size gets a predicted speed-up."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
+    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_dir), "--dtype", "float32", "--batches", "1,2", "--contexts", "16",
+                          "--ks", "1,3", "--repeats", "1", "--drafters", "exact,int8", "--samples", "14", "--max-new-tokens", "10"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.splitlines()[-1])
+    exact, int8 = summary["acceptance"]["exact"], summary["acceptance"]["int8"]
+    assert exact["positions"] == int8["positions"] > 14  # two groups of rows (12 + 2), several positions each
+    assert exact["accept"] == pytest.approx(1.0, abs=1e-5) and exact["greedy"] == 1.0
+    assert 0.0 < int8["accept"] <= exact["accept"] + 1e-6 and 0.0 <= int8["greedy"] <= 1.0
+    assert summary["target_logprob_gap"] < 1e-3
+    for row in summary["rows"]:
+        assert row["predicted_speedup_int8"] > 0 and row["predicted_speedup_exact"] > 0

@@ -19,12 +19,14 @@ batch 1 and 0.65 at 16 (temperature 1, K = 4), where weight-only int8 (fp32 acti
 0.92 / 0.93. So at 1-12 rows (where speculation pays) fp32 targets draft with our int8 GEMV
 (`int8_gemv_op`): over fp32 activations (`int8_f32_gemv`, 0.92 accepted), on AVX512-BF16 CPUs
 from 7 rows over bf16 copies of them (0.91 accepted), where that kernel is the faster one
-(`int8_linear_f32`). On AVX512-VNNI CPUs the activations are quantized after all, per row (8
-bits, max|x| / 127 each row; `int8_vnni_gemv`): 64 int8 products per instruction take the
-linears to 0.70-0.92x the fp32-activation kernel's time at 1-12 rows, but outlier channels cost
-acceptance: in replays of two GRPO steps (Intel Xeon, Emerald Rapids, one core) drafts were
-accepted 0.86-0.91 of the time instead of 0.93-0.95, and the adaptive engine's rollout took
-0.98x the time it took before (best of two each; within that machine's noise). A drafter step is 0.28 / 0.30 / 0.42 / 0.51 / 0.54 of the target's at batch
+(`int8_linear_f32`). On AVX512-VNNI CPUs the activations are quantized after all, in blocks of
+64 (8 bits, max|x| / 127 each block; `int8_vnni_gemv`): 64 int8 products per instruction take
+the linears to 0.70-0.92x the fp32-activation kernel's time at 1-12 rows. With one scale per
+row, as first written, outlier channels coarsened the whole row: the chance a draft is
+accepted at the first position (`scripts/bench_step.py --samples 48`: 8,278 positions of
+replies at temperature 1, Intel Xeon, Emerald Rapids) was 0.926, against 0.975 with fp32
+activations; per block of 64 it is 0.960, for a drafter step of the same cost at 1 row and
+4-8% dearer at 2-8 rows. A drafter step is 0.28 / 0.30 / 0.42 / 0.51 / 0.54 of the target's at batch
 1 / 2 / 4 / 6 / 8 (one core of the AVX512-BF16 CPU, 384 cached positions, 2026-11-27; FBGEMM
 took 0.42 / 0.43 / 0.45 / - / 0.47 of an older, slower target); FBGEMM beyond 12 rows.
 
