@@ -141,7 +141,7 @@ def acceptance(engine: NativeEngine, drafters: dict, samples: int, max_new_token
             kv_len = int(positions.max()) + 1
             drafts = {kind: runner.forward(tokens, positions, kv_len, decoder=d.decoder)[:, 0] for kind, d in drafters.items()}
             target = runner.forward(tokens, positions, kv_len)[:, 0]  # last: the next position reads the target's keys and values
-            t = torch.full((len(group),), max(temperature, 1e-6), device=dev)
+            t = torch.full((len(group),), temperature, device=dev)  # 0: greedy, log-probs at T = 1 as the engine reports them
             logp = scaled_logprobs(target, t)
             sampled = torch.tensor([[out[i]] for (_, out, _), i in zip(group, at)], device=dev)
             reported = torch.tensor([lps[i] for (_, _, lps), i in zip(group, at)], device=dev)
