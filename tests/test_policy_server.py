@@ -21,6 +21,7 @@ import uvicorn
 
 from efficientrollout.models import read_state_dict
 from efficientrollout.policies import (
+    FetchStopped,
     PolicyClient,
     PolicyConflict,
     PolicyError,
@@ -366,3 +367,30 @@ def test_http_errors_are_classified_by_status(tmp_path, status, fail, expected):
         server.server_close()
     with pytest.raises(PolicyUnavailable):  # nobody listening any more
         PolicyClient(f"http://127.0.0.1:{server.server_port}", retries=0, timeout=5).manifest(1)
+
+
+def test_an_engine_told_to_stop_does_not_wait_out_another_engines_download(policy_server, tmp_path):
+    url, _, _ = policy_server
+    PolicyPublisher(url, "s3cret").publish({"w": torch.randn(1000)})
+    cache, stop, outcome = WeightCache(tmp_path / "cache"), threading.Event(), []
+    CountingClient.fetched = 0
+
+    def engine():
+        try:
+            outcome.append(cache.fetch(CountingClient(url, "r3ad"), 1, stop.is_set))
+        except FetchStopped as exc:
+            outcome.append(exc)
+
+    with open(tmp_path / "cache" / "lock", "a") as lock:  # another engine is downloading
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=engine)
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive()  # it waits for the lock ...
+        stop.set()
+        waiting.join(timeout=2)
+        assert not waiting.is_alive()  # ... until told to stop, the lock still held
+    assert isinstance(outcome[0], FetchStopped) and CountingClient.fetched == 0
+    path, fetched = cache.fetch(CountingClient(url, "r3ad"), 1, stop.is_set)  # a free lock is taken at once
+    assert fetched and path.exists()
+    cache.close()

@@ -33,7 +33,7 @@ import msgspec
 from ..engines import Engine, EngineUnusable
 from ..engines.thread import engine_thread
 from ..options import option
-from ..policies import PolicyClient, PolicyError, WeightCache, default_cache_root
+from ..policies import FetchStopped, PolicyClient, PolicyError, WeightCache, default_cache_root
 from ..protocol import EngineStatus, WaveTrace
 from ..queue import RolloutQueue
 from .metrics import WorkerMetrics, serve_http
@@ -205,9 +205,12 @@ class EngineService:
         t0 = time.perf_counter()
         fetched = None
         try:  # the first engine on this host downloads the version; the others wait for it and share it
-            path, fetched = await anyio.to_thread.run_sync(self._cache.fetch, self.policy, latest)
+            path, fetched = await anyio.to_thread.run_sync(self._cache.fetch, self.policy, latest, self._stopping.is_set)
             downloaded = time.perf_counter() - t0
             await engine_thread().run(self.engine.update_weights, path, latest)
+        except FetchStopped:
+            log.info("stopping: not waiting for policy version %d", latest)
+            return
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving
             self.metrics.weight_update_failures += 1
             # never retried: refused (4xx) or bad bytes, and weights that do not fit; asked again later:

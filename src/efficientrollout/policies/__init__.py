@@ -1,8 +1,8 @@
 """Versioned policy weights: storage, the HTTP policy server, publisher and fetcher."""
 
-from .cache import WeightCache, default_cache_root
+from .cache import FetchStopped, WeightCache, default_cache_root
 from .client import PolicyClient, PolicyPublisher
 from .store import PolicyConflict, PolicyError, PolicyStore, PolicyUnavailable, WeightManifest
 
-__all__ = ["PolicyClient", "PolicyConflict", "PolicyError", "PolicyPublisher", "PolicyStore", "PolicyUnavailable", "WeightCache",
+__all__ = ["FetchStopped", "PolicyClient", "PolicyConflict", "PolicyError", "PolicyPublisher", "PolicyStore", "PolicyUnavailable", "WeightCache",
            "WeightManifest", "default_cache_root"]

@@ -29,6 +29,8 @@ import re
 import shutil
 import stat
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -52,6 +54,25 @@ def _check_private(path: Path, parent: bool = False) -> None:
     if (st.st_uid != os.getuid() and not parent) or shared:
         raise PermissionError(f"{path}: a weight cache needs a directory only this user can change "
                               f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)})")
+
+
+class FetchStopped(Exception):
+    """Told to stop while another engine on this host held the cache (fetching a version)."""
+
+
+def _lock(lock, stopping: Callable[[], bool] | None, version: int) -> None:
+    """An exclusive lock on the open file `lock`, given up (FetchStopped) once `stopping()`."""
+    if stopping is None:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if stopping():
+                raise FetchStopped(f"stopped while another engine on this host fetched version {version}") from None
+            time.sleep(0.02)
 
 
 class WeightCache:
@@ -78,9 +99,11 @@ class WeightCache:
                 pass
             members.close()
 
-    def fetch(self, client: PolicyClient, version: int) -> tuple[Path, bool]:
+    def fetch(self, client: PolicyClient, version: int, stopping: Callable[[], bool] | None = None) -> tuple[Path, bool]:
         """The version's verified weights (a file, or a directory of shards) and whether this
-        call downloaded them (False: another engine on this host had)."""
+        call downloaded them (False: another engine on this host had). While another engine
+        holds the cache, `stopping()` is asked every 20 ms; True raises FetchStopped (an engine
+        told to stop need not wait out another's download: for a large policy, a minute)."""
         if self._members.closed:
             raise RuntimeError("this weight cache was closed")
         manifest = client.manifest(version)
@@ -91,7 +114,7 @@ class WeightCache:
         names, marker = [f.name for f in manifest.files], self.root / f"v{version}.json"
         path = download_path(self.root, version, names)
         with open(self.root / "lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            _lock(lock, stopping, version)
             if marker.exists() and marker.read_bytes() == stamp and path.exists():
                 return path, False  # exactly these weights, complete
             # other weights under this number go; a cut download (no manifest yet) resumes
