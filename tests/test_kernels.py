@@ -194,6 +194,22 @@ def test_int8_activations_on_vnni_match_the_same_quantization_in_torch(rows, wid
         assert torch.equal(OPS.int8_vnni_gemv(x, q, scale, None)[1], torch.zeros(200))
 
 
+@pytest.mark.skipif(OPS is None or not OPS.bf16_gemv_available(), reason="the bf16 kernels need AVX512-BF16")
+@pytest.mark.parametrize("rows", [1, 2, 5, 12])
+def test_a_bf16_targets_int8_linear_runs_vnni_where_the_cpu_has_it(rows):
+    """int8_linear_bf16 (a bf16 target's drafter linear): int8_vnni_gemv over fp32 copies of the
+    activations on AVX512-VNNI CPUs, the faster kernel there, else int8_gemv; either way within
+    int8's error of the dequantized linear."""
+    torch.manual_seed(rows)
+    x, q = torch.randn(rows, 576).bfloat16(), torch.randint(-127, 128, (200, 576), dtype=torch.int8)
+    scale, bias = torch.rand(200) / 100, torch.randn(200).bfloat16()
+    got = OPS.int8_linear_bf16(x, q, scale, bias)
+    chosen = OPS.int8_vnni_gemv(x.float(), q, scale, bias).bfloat16() if OPS.int8_vnni_available() else OPS.int8_gemv(x, q, scale, bias)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, chosen)
+    exact = F.linear(x.float(), q.float() * scale[:, None], bias.float())
+    assert (got.float() - exact).norm() <= 0.03 * exact.norm()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 576), (33, 100), (5, 7), (3, 47)])
 def test_int8_rows_are_torchaos_numbers_bit_for_bit(dtype, shape):

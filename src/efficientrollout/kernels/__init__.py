@@ -73,15 +73,16 @@ def gemv_ops(weight: torch.Tensor):
 
 def int8_gemv_op(weight: torch.Tensor):
     """Our kernel for 1-12 rows of an int8 copy of `weight` (int8 rows, an fp32 scale each), in
-    and out in `weight`'s dtype, or None. bf16: `int8_gemv` (AVX512-BF16 CPUs, rows a multiple
-    of 32 wide). fp32: `int8_linear_f32` (AVX2+FMA CPUs, rows a multiple of 8 wide), which runs
+    and out in `weight`'s dtype, or None. bf16: `int8_linear_bf16` (AVX512-BF16 CPUs, rows a
+    multiple of 32 wide), which runs `int8_vnni_gemv` over fp32 copies of the activations on
+    AVX512-VNNI CPUs, elsewhere `int8_gemv` (layer_cpu.cpp). fp32: `int8_linear_f32` (AVX2+FMA CPUs, rows a multiple of 8 wide), which runs
     `int8_vnni_gemv` on AVX512-VNNI CPUs (activations quantized per block of 64), elsewhere
     `int8_f32_gemv` over the fp32 activations, or on AVX512-BF16 CPUs from 7 rows the bf16
     kernel over bf16 copies of them, whichever is faster there (layer_cpu.cpp)."""
     if weight.device.type != "cpu" or (kernels := cpu_ops()) is None:
         return None
     if weight.dtype == torch.bfloat16:
-        return kernels.int8_gemv if kernels.bf16_gemv_available() and weight.shape[-1] % 32 == 0 else None
+        return kernels.int8_linear_bf16 if kernels.bf16_gemv_available() and weight.shape[-1] % 32 == 0 else None
     return None if (kernels := _f32_ops(weight)) is None else kernels.int8_linear_f32
 
 

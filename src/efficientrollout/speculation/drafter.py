@@ -26,7 +26,10 @@ row, as first written, outlier channels coarsened the whole row: the chance a dr
 accepted at the first position (`scripts/bench_step.py --samples 48`: 8,278 positions of
 replies at temperature 1, Intel Xeon, Emerald Rapids) was 0.926, against 0.975 with fp32
 activations; per block of 64 it is 0.960, for a drafter step of the same cost at 1 row and
-4-8% dearer at 2-8 rows. A drafter step is 0.28 / 0.30 / 0.42 / 0.51 / 0.54 of the target's at batch
+4-8% dearer at 2-8 rows. bf16 targets on AVX512-VNNI CPUs draft with the same kernel over fp32
+copies of their activations (`int8_linear_bf16`): 0.58 / 0.55 / 0.68 / 0.81 of a bf16 target's
+step at 1 / 2 / 4 / 8 rows on that Xeon, where the bf16-activation kernel cost 0.78 / 0.86 /
+0.94 / 1.28 (acceptance 0.955 vs 0.968). A drafter step is 0.28 / 0.30 / 0.42 / 0.51 / 0.54 of the target's at batch
 1 / 2 / 4 / 6 / 8 (one core of the AVX512-BF16 CPU, 384 cached positions, 2026-11-27; FBGEMM
 took 0.42 / 0.43 / 0.45 / - / 0.47 of an older, slower target); FBGEMM beyond 12 rows.
 
