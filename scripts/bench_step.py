@@ -17,9 +17,9 @@ kernels: FBGEMM with per-tensor activations on CPUs). Per position: sum(min(p, q
 chance speculative sampling accepts that draft, and whether greedy drafts match. A check of
 the replay itself: the target's log-prob of each reply token there against the one the engine
 reported when it sampled it (`target_logprob_gap`, the largest difference; ~1e-5 in fp32; in
-bf16 it is bf16's own noise, 0.39 nats on SmolLM2, since the replay groups rows differently). With the
-costs this gives each batch size's predicted speed-up at that acceptance, the gate's own
-model: max over --ks of L / (K d + v_K), L = (1 - a^(K+1)) / (1 - a), d and v_K the drafter's
+bf16 it is bf16's own noise, 0.39 nats on SmolLM2, since the replay groups rows differently).
+With the costs this gives each batch size's predicted speed-up at that acceptance, the gate's
+own model: max over --ks of L / (K d + v_K), L = (1 - a^(K+1)) / (1 - a), d and v_K the drafter's
 and the verify's cost relative to a target step.
 Prints one JSON line last.
 """

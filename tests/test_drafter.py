@@ -251,7 +251,6 @@ def test_a_draft_refreshed_in_place_keeps_its_tensors_and_takes_the_new_weights(
     assert not torch.equal(draft(x), old)
 
 
-
 def test_bench_step_measures_each_drafters_acceptance(tiny_dir):
     """scripts/bench_step.py --samples replays sampled replies through target and drafters: the
     unquantized drafter agrees everywhere, the int8 one less or as often, the replay reproduces

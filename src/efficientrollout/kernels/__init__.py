@@ -75,8 +75,9 @@ def int8_gemv_op(weight: torch.Tensor):
     """Our kernel for 1-12 rows of an int8 copy of `weight` (int8 rows, an fp32 scale each), in
     and out in `weight`'s dtype, or None. bf16: `int8_linear_bf16` (AVX512-BF16 CPUs, rows a
     multiple of 32 wide), which runs `int8_vnni_gemv` over fp32 copies of the activations on
-    AVX512-VNNI CPUs, elsewhere `int8_gemv` (layer_cpu.cpp). fp32: `int8_linear_f32` (AVX2+FMA CPUs, rows a multiple of 8 wide), which runs
-    `int8_vnni_gemv` on AVX512-VNNI CPUs (activations quantized per block of 64), elsewhere
+    AVX512-VNNI CPUs, elsewhere `int8_gemv` (layer_cpu.cpp). fp32: `int8_linear_f32` (AVX2+FMA
+    CPUs, rows a multiple of 8 wide), which runs `int8_vnni_gemv` on AVX512-VNNI CPUs
+    (activations quantized per block of 64), elsewhere
     `int8_f32_gemv` over the fp32 activations, or on AVX512-BF16 CPUs from 7 rows the bf16
     kernel over bf16 copies of them, whichever is faster there (layer_cpu.cpp)."""
     if weight.device.type != "cpu" or (kernels := cpu_ops()) is None:
