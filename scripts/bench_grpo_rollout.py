@@ -36,8 +36,8 @@ def phases(trace) -> dict[str, list]:
         rows = "1-2" if s.batch <= 2 else "3-5" if s.batch <= 5 else "6-12" if s.batch <= 12 else "13+"
         entry = out.setdefault(f"{rows} {'spec' if s.k else 'plain'}", [0, 0.0])
         entry[0] += 1
-        entry[1] = round(entry[1] + s.seconds, 2)
-    return dict(sorted(out.items()))
+        entry[1] += s.seconds
+    return {name: [n, round(seconds, 3)] for name, (n, seconds) in sorted(out.items())}
 
 
 def main() -> None:
@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--cpu", type=int, default=1, help="the CPU the engine runs on (the example's engine CPU)")
     ap.add_argument("--device", default="cpu", help="cpu (as the example runs it) or cuda")
     ap.add_argument("--dtype", default="float32", help="the engine's; float32 is the example's (log-prob parity with its trainer)")
+    ap.add_argument("--drafter", default="int8", help="adaptive's drafter: int8, int4 or exact")
+    ap.add_argument("--cuda-graphs", action="store_true", help="both engines replay their steps from CUDA graphs")
     a = ap.parse_args()
     if a.device == "cpu":
         os.sched_setaffinity(0, {a.cpu})
@@ -60,7 +62,7 @@ def main() -> None:
     requests = [request for request, _ in step_requests(a.task, a.step, a.prompts, a.group, a.max_new_tokens, a.seed)]
     prompt_of = {r.id: r.messages for r in requests}
     engines = {mode: NativeEngine(EngineConfig(device=a.device, dtype=a.dtype, max_batch_size=a.prompts * a.group, max_seq_len=a.max_new_tokens + 192,
-                                               speculation=SpeculationConfig(mode=mode)))
+                                               cuda_graphs=a.cuda_graphs, speculation=SpeculationConfig(mode=mode, drafter=a.drafter)))
                for mode in ("plain", "adaptive")}
     sampled = engines["plain"].generate(requests)  # exactly the example's requests (its seeds): the same samples
     fixed = [RolloutRequest(id=f"f{j}", messages=prompt_of[r.request_id],
@@ -86,7 +88,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(json.dumps({"bench": "grpo_rollout", "seed": a.seed, "step": a.step, "task": a.task, "samples": len(fixed),
-                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}",
+                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}", "drafter": a.drafter, "cuda_graphs": a.cuda_graphs,
                       "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "1 CPU",
                       "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2", "repeats": rows,
                       "adaptive_over_plain": sorted(r["adaptive_over_plain"] for r in rows)}))
