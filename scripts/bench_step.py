@@ -14,7 +14,9 @@ and values for the reply so far and proposes the next token, then the target doe
 its own keys and values back), so each drafter is measured at the first draft position of a
 speculative step, with its decode kernels (a forward over a whole reply would run other
 kernels: FBGEMM with per-tensor activations on CPUs). Per position: sum(min(p, q)), the
-chance speculative sampling accepts that draft, and whether greedy drafts match. A check of
+chance speculative (rejection) sampling accepts that draft, how often the drafter's race picks
+the target's token (the race coupling, the engine's default: sampling.race), and whether
+greedy drafts match. A check of
 the replay itself: the target's log-prob of each reply token there against the one the engine
 reported when it sampled it (`target_logprob_gap`, the largest difference; ~1e-5 in fp32; in
 bf16 it is bf16's own noise, 0.39 nats on SmolLM2, since the replay groups rows differently).
@@ -37,7 +39,7 @@ from tqdm import tqdm
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.pipeline.workloads import PROMPTS
 from efficientrollout.protocol import ChatMessage, RolloutRequest, SamplingParams
-from efficientrollout.sampling import scaled_logprobs
+from efficientrollout.sampling import race, race_keys, scaled_logprobs
 from efficientrollout.speculation import Drafter, SpeculationConfig
 from efficientrollout.speculation.drafter import PACKED_MAX_ROWS, drafter_kernel
 from efficientrollout.speculation.gate import DRAFTER_KERNELS
@@ -101,6 +103,7 @@ def main() -> None:
         for kind, q in quality.items():
             d, v = row[f"drafter_{kind}_vs_target"], {k: row[f"verify_k{k}_vs_target"] for k in ks}
             row[f"predicted_speedup_{kind}"] = round(max(tokens_per_step(q["accept"], k) / (k * d + v[k]) for k in ks), 3)
+            row[f"predicted_speedup_{kind}_race"] = round(max(tokens_per_step(q["race"], k) / (k * d + v[k]) for k in ks), 3)
             row[f"predicted_speedup_{kind}_greedy"] = round(max(tokens_per_step(q["greedy"], k) / (k * d + v[k]) for k in ks), 3)
     if quality:
         print(json.dumps({"acceptance": quality, "target_logprob_gap": gap}))
@@ -127,7 +130,7 @@ def acceptance(engine: NativeEngine, drafters: dict, samples: int, max_new_token
     replies = [(r.prompt_token_ids, r.output_token_ids, r.logprobs) for r in engine.generate(requests) if len(r.output_token_ids) > 1]
     runner, dev = engine.runner, engine.device
     rows = min([ROWS, *(PACKED_MAX_ROWS[d.kernel] for d in drafters.values() if d.kernel == "int4pack")])  # beyond: FBGEMM's int8
-    totals = {kind: [0.0, 0, 0] for kind in drafters}  # sum(min(p, q)), greedy matches, positions
+    totals = {kind: [0.0, 0, 0, 0] for kind in drafters}  # sum(min(p, q)), greedy matches, positions, race matches
     gap = 0.0
     for g in tqdm(range(0, len(replies), rows), desc="acceptance"):
         group = replies[g : g + rows]
@@ -148,12 +151,16 @@ def acceptance(engine: NativeEngine, drafters: dict, samples: int, max_new_token
             reported = torch.tensor([lps[i] for (_, _, lps), i in zip(group, at)], device=dev)
             gap = max(gap, (logp.gather(-1, sampled)[:, 0] - reported).abs()[live].max().item())
             p = logp.exp()
+            keys = race_keys([g + r for r in range(len(group))], positions[:, 0].tolist()).to(dev)
+            picks = race(p, keys) if temperature > 0 else target.argmax(-1)
             for kind, logits in drafts.items():
                 q = scaled_logprobs(logits, t).exp()
                 totals[kind][0] += torch.minimum(p, q).sum(-1)[live].sum().item()
                 totals[kind][1] += int((logits.argmax(-1) == target.argmax(-1))[live].sum())
                 totals[kind][2] += int(live.sum())
-    return {kind: {"accept": round(s / n, 4), "greedy": round(m / n, 4), "positions": n} for kind, (s, m, n) in totals.items()}, gap
+                totals[kind][3] += int(((race(q, keys) if temperature > 0 else logits.argmax(-1)) == picks)[live].sum())
+    return {kind: {"accept": round(s / n, 4), "race": round(r / n, 4), "greedy": round(m / n, 4), "positions": n}
+            for kind, (s, m, n, r) in totals.items()}, gap
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def test_a_draft_refreshed_in_place_keeps_its_tensors_and_takes_the_new_weights(
 
 def test_bench_step_measures_each_drafters_acceptance(tiny_dir):
     """scripts/bench_step.py --samples replays sampled replies through target and drafters: the
-    unquantized drafter agrees everywhere, the int8 one less or as often, the replay reproduces
+    unquantized drafter agrees everywhere (its races too), the int8 one less or as often, the replay reproduces
     the engine's own log-probs (a drafter's keys and values left in the cache would not), and
     each batch size gets a predicted speed-up."""
     import json
@@ -269,8 +269,8 @@ def test_bench_step_measures_each_drafters_acceptance(tiny_dir):
     summary = json.loads(out.stdout.splitlines()[-1])
     exact, int8 = summary["acceptance"]["exact"], summary["acceptance"]["int8"]
     assert exact["positions"] == int8["positions"] > 14  # two groups of rows (12 + 2), several positions each
-    assert exact["accept"] == pytest.approx(1.0, abs=1e-5) and exact["greedy"] == 1.0
-    assert 0.0 < int8["accept"] <= exact["accept"] + 1e-6 and 0.0 <= int8["greedy"] <= 1.0
+    assert exact["accept"] == pytest.approx(1.0, abs=1e-5) and exact["greedy"] == 1.0 and exact["race"] == 1.0
+    assert 0.0 < int8["accept"] <= exact["accept"] + 1e-6 and 0.0 <= int8["greedy"] <= 1.0 and 0.0 < int8["race"] <= 1.0
     assert summary["target_logprob_gap"] < 1e-3
     for row in summary["rows"]:
         assert row["predicted_speedup_int8"] > 0 and row["predicted_speedup_exact"] > 0

@@ -10,6 +10,8 @@ from efficientrollout.sampling import (
     derive_seed,
     filtered_probs,
     inverse_cdf,
+    race,
+    race_keys,
     sample,
     scaled_logprobs,
     seeded_uniform,
@@ -35,6 +37,49 @@ def test_inverse_cdf_follows_the_distribution():
     expected = probs[0].double() * n
     chi2 = float((((counts - expected) ** 2) / expected.clamp(min=1e-9))[probs[0] > 0].sum())
     assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
+
+
+def test_race_follows_the_distribution_and_is_a_function_of_its_keys():
+    """600 tokens: three groups of the first round, the last one padded; zeros never drawn."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(600) * 1.5, -1)
+    probs[::7] = 0.0
+    probs /= probs.sum()
+    n = 60000
+    keys = race_keys([11] * n, list(range(n)))
+    tokens = race(probs.expand(n, -1), keys)
+    counts = torch.bincount(tokens, minlength=600).double()
+    assert counts[probs == 0].sum() == 0
+    live = probs > 0
+    dof = int(live.sum()) - 1
+
+    def chi2_per_dof(p):
+        expected = p.double() * n
+        return float((((counts - expected) ** 2) / expected)[live].sum()) / dof
+
+    assert chi2_per_dof(probs) < 1.25  # ~4 standard deviations at ~510 degrees of freedom
+    sharper = probs**1.2 / (probs**1.2).sum()
+    assert chi2_per_dof(sharper) > 1.5  # the statistic has power against a mild bias
+    assert torch.equal(race(probs.expand(n, -1), keys), tokens)  # same keys, same tokens
+    assert (race(probs.expand(n, -1), race_keys([12] * n, list(range(n)))) != tokens).any()
+
+
+def test_race_picks_the_same_token_for_alike_distributions():
+    """The coupling speculation relies on: equal distributions always pick alike, close ones
+    about as often as sum(min(p, q)), far more often than independent draws would."""
+    torch.manual_seed(1)
+    V, n = 49152, 4000  # SmolLM2's vocabulary
+    logits = torch.randn(V) * 4
+    p = torch.softmax(logits, -1).expand(n, -1)
+    q = torch.softmax(logits + 0.2 * torch.randn(V), -1).expand(n, -1)
+    keys = race_keys(list(range(n)), [3] * n)
+    picks = race(p, keys)
+    assert torch.equal(race(p.clone(), keys), picks)
+    match = (race(q, keys) == picks).double().mean().item()
+    overlap = torch.minimum(p[0], q[0]).sum().item()
+    independent = (race(q, race_keys(list(range(n, 2 * n)), [3] * n)) == picks).double().mean().item()
+    assert overlap - 0.08 < match <= overlap + 0.02, (match, overlap)
+    assert independent < 0.5 * match
 
 
 def test_filters_match_a_per_row_reference():
@@ -63,6 +108,6 @@ def test_filters_match_a_per_row_reference():
 def test_greedy_rows_take_the_argmax_and_report_unscaled_logprobs():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]])
     params = SamplingBatch.build([0.0, 0.0], [1.0, 1.0], [0, 0], torch.device("cpu"))
-    tokens, lps = sample(logits, params, torch.zeros(2, dtype=torch.float64))
+    tokens, lps = sample(logits, params, uniforms=torch.zeros(2, dtype=torch.float64))
     assert tokens.tolist() == [1, 2]
     assert torch.allclose(lps, torch.log_softmax(logits, -1)[[0, 1], [1, 2]])

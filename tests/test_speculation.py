@@ -1,6 +1,7 @@
-"""Speculation is lossless: greedy token identity with plain decoding (fp32), exact sampling
-distribution (probability-integral-transform test with a deliberately poor drafter), full
-acceptance for an unquantized drafter, and a drafter that follows weight updates."""
+"""Speculation is lossless: greedy token identity with plain decoding (fp32), sampled token
+identity under the race coupling, exact sampling distribution under either coupling
+(probability-integral-transform test with a deliberately poor drafter), full acceptance for an
+unquantized drafter, and a drafter that follows weight updates."""
 
 from __future__ import annotations
 
@@ -51,6 +52,26 @@ def test_greedy_identical_to_plain(tiny_engine, spec_engines, mode):
         assert spec.generate([requests[i]])[0].output_token_ids == plain[i].output_token_ids
     for got, want in zip(spec.generate(requests[:2]), plain[:2]):
         assert np.allclose(got.logprobs, want.logprobs, atol=1e-4)
+
+
+def test_raced_samples_are_plain_samples_whatever_k(tiny_engine, tiny_dir):
+    """With the race coupling (the default) speculation never changes a seeded sample: an int8
+    drafter that is often wrong, fixed K of 2 and 6 and the adaptive gate all emit exactly plain
+    sampling's tokens and log-probs, with top-k and top-p rows in the batch. Rejection sampling
+    draws other (equally distributed) samples that depend on K."""
+    sampling = [dict(temperature=1.0), dict(temperature=0.8, top_p=0.9), dict(temperature=1.2, top_k=20), dict(temperature=0.0)]
+    requests = [req(i, PROMPTS[i % len(PROMPTS)], max_new_tokens=30, seed=100 + i, ignore_eos=True, **sampling[i % 4]) for i in range(12)]
+    plain = tiny_engine.generate(requests)
+    for spec in (engine(tiny_dir, mode="always", k=2), engine(tiny_dir, mode="always", k=6),
+                 engine(tiny_dir, mode="adaptive", explore_every=3, explore_margin=1e9)):
+        results = spec.generate(requests)
+        assert [r.output_token_ids for r in results] == [r.output_token_ids for r in plain]
+        for got, want in zip(results, plain):
+            assert np.allclose(got.logprobs, want.logprobs, atol=1e-4)
+        drafted, accepted = sum(r.speculation.drafted for r in results), sum(r.speculation.accepted for r in results)
+        assert 0 < accepted < drafted, "the test must see drafts accepted and rejected"
+    rejection = engine(tiny_dir, mode="always", k=6, coupling="rejection").generate(requests)
+    assert [r.output_token_ids for r in rejection] != [r.output_token_ids for r in plain]
 
 
 @pytest.mark.skipif(not torch.cpu._is_avx512_supported() and not torch.cuda.is_available(), reason="int4 needs AVX512 or CUDA")
@@ -151,8 +172,9 @@ def test_verify_is_distribution_exact_and_a_biased_verifier_is_caught():
     assert _ks_uniform(pit) > 1.95 / np.sqrt(n)
 
 
-def test_engine_sampling_follows_the_target_with_a_poor_drafter(tiny_dir):
-    spec = engine(tiny_dir, mode="always", k=3, drafter="exact")
+@pytest.mark.parametrize("coupling", ["race", "rejection"])
+def test_engine_sampling_follows_the_target_with_a_poor_drafter(tiny_dir, coupling):
+    spec = engine(tiny_dir, mode="always", k=3, drafter="exact", coupling=coupling)
     torch.manual_seed(1)
     for q in spec.drafter.linears:  # make the drafter deliberately poor
         q.weight = q.weight + torch.randn_like(q.weight) * 0.01

@@ -33,7 +33,7 @@ from ...protocol import (
     StepRecord,
     Timings,
 )
-from ...sampling import SamplingBatch, derive_seed, sample, seeded_uniform
+from ...sampling import SamplingBatch, derive_seed, race_keys, sample, seeded_uniform
 from ...speculation import Drafter, SpeculationConfig, SpeculationGate
 from ...speculation.drafter import drafter_kernel
 from ..base import EngineUnusable, engine_error, in_request_order
@@ -282,6 +282,7 @@ class NativeEngine:
         params = self._sampling_batch(running)
         out = speculative_step(
             self.runner, self.drafter.decoder, last_tokens, last_positions, [s.seed for s in running], params, k,
+            self.config.speculation.coupling,
         )
         if self.runner.captures == captures:
             self.gate.observe_draft(b, out.draft_s / k)
@@ -307,8 +308,11 @@ class NativeEngine:
     def _sample_and_retire(self, logits: torch.Tensor, running: list[Sequence], slots: list[int]) -> Iterator[RolloutResult]:
         """Pick one token for running[slot] per logits row, then retire finished samples."""
         seqs = [running[i] for i in slots]
-        uniforms = torch.from_numpy(seeded_uniform([s.seed for s in seqs], [s.num_tokens for s in seqs]))
-        tokens, logprobs = sample(logits, self._sampling_batch(seqs), uniforms.to(logits.device))
+        seeds, positions = [s.seed for s in seqs], [s.num_tokens for s in seqs]
+        if self.config.speculation.coupling == "race":  # the draw a speculative step verifies against
+            tokens, logprobs = sample(logits, self._sampling_batch(seqs), keys=race_keys(seeds, positions).to(logits.device))
+        else:
+            tokens, logprobs = sample(logits, self._sampling_batch(seqs), uniforms=torch.from_numpy(seeded_uniform(seeds, positions)).to(logits.device))
         now = time.perf_counter()
         for s, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
             if not s.output_ids:
