@@ -1,8 +1,9 @@
 """Speculation on the GRPO example's own rollouts, with the sample lengths held fixed.
 
-The example's modes sample different tokens (speculative sampling draws from the same
-distribution, not the same draws), so their rollout times mix speed with luck in the lengths.
-This takes one step's batch of `examples/grpo.py` (its prompts and seeds; the bundled model's
+Under `--coupling rejection` the example's modes sample different tokens (speculative sampling
+draws from the same distribution, not the same draws), so their rollout times mix speed with
+luck in the lengths; under the race coupling (the default) they sample the same tokens, and the
+lengths are fixed here all the same, so both couplings replay alike. This takes one step's batch of `examples/grpo.py` (its prompts and seeds; the bundled model's
 own weights, i.e. version 0), samples it once plain to learn every sample's length, then
 generates the same prompts with those lengths (ignore_eos) plain and adaptive, interleaved,
 with one fp32 engine on one CPU as the example runs it (`--device cuda`: on a GPU). Prints a

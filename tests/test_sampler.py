@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from efficientrollout.kernels import cpu_ops
 from efficientrollout.sampling import (
+    RACE_GROUP,
     SamplingBatch,
     derive_seed,
     filtered_probs,
     inverse_cdf,
     race,
     race_keys,
+    race_torch,
     sample,
     scaled_logprobs,
     seeded_uniform,
@@ -39,7 +43,8 @@ def test_inverse_cdf_follows_the_distribution():
     assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
 
 
-def test_race_follows_the_distribution_and_is_a_function_of_its_keys():
+@pytest.mark.parametrize("race", [race, race_torch], ids=["this-device", "pytorch"])
+def test_race_follows_the_distribution_and_is_a_function_of_its_keys(race):
     """600 tokens: three groups of the first round, the last one padded; zeros never drawn."""
     torch.manual_seed(0)
     probs = torch.softmax(torch.randn(600) * 1.5, -1)
@@ -64,7 +69,8 @@ def test_race_follows_the_distribution_and_is_a_function_of_its_keys():
     assert (race(probs.expand(n, -1), race_keys([12] * n, list(range(n)))) != tokens).any()
 
 
-def test_race_picks_the_same_token_for_alike_distributions():
+@pytest.mark.parametrize("race", [race, race_torch], ids=["this-device", "pytorch"])
+def test_race_picks_the_same_token_for_alike_distributions(race):
     """The coupling speculation relies on: equal distributions always pick alike, close ones
     about as often as sum(min(p, q)), far more often than independent draws would."""
     torch.manual_seed(1)
@@ -80,6 +86,23 @@ def test_race_picks_the_same_token_for_alike_distributions():
     independent = (race(q, race_keys(list(range(n, 2 * n)), [3] * n)) == picks).double().mean().item()
     assert overlap - 0.08 < match <= overlap + 0.02, (match, overlap)
     assert independent < 0.5 * match
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="needs our CPU kernels (a C++ compiler)")
+def test_race_kernel_picks_what_the_pytorch_race_picks():
+    """The C++ race (CPU engines) against the PyTorch one (GPUs): the same tokens, rows of
+    several widths, zeros and all-in-one-group rows included."""
+    torch.manual_seed(2)
+    for V in (600, 49152):
+        probs = torch.softmax(torch.randn(256, V) * torch.linspace(0.5, 8, 256)[:, None], -1)
+        probs[:8, ::3] = 0.0
+        probs[8:16] = 0.0
+        probs[8:16, 5:9] = 0.25  # all the mass in one group
+        probs /= probs.sum(-1, keepdim=True)
+        keys = race_keys(list(range(256)), [V] * 256)
+        got, want = cpu_ops().race(probs, keys, RACE_GROUP), race_torch(probs, keys)
+        assert (got == want).float().mean() >= 0.995, V  # group masses are summed in another order
+        assert torch.equal(got[8:16], want[8:16]) and (probs.gather(-1, got[:, None]) > 0).all()
 
 
 def test_filters_match_a_per_row_reference():

@@ -85,6 +85,16 @@ def race(probs: Tensor, keys: Tensor) -> Tensor:
     """A token per row drawn from probs [b, V] by the keyed race (module docstring), in two rounds:
     the vocabulary's groups of RACE_GROUP consecutive ids race with their masses, then the winning
     group's tokens race with theirs (each round exact, so the pick is a draw from probs)."""
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        from .kernels import cpu_ops
+
+        if (ops := cpu_ops()) is not None:  # the same race in one C++ pass (kernels/race_cpu.cpp)
+            return ops.race(probs, keys, RACE_GROUP)
+    return race_torch(probs, keys)
+
+
+def race_torch(probs: Tensor, keys: Tensor) -> Tensor:
+    """`race` in PyTorch ops (any device)."""
     b, V = probs.shape
     groups = -(-V // RACE_GROUP)
     padded = probs if V == groups * RACE_GROUP else torch.nn.functional.pad(probs, (0, groups * RACE_GROUP - V))
