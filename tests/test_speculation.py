@@ -54,16 +54,16 @@ def test_greedy_identical_to_plain(tiny_engine, spec_engines, mode):
         assert np.allclose(got.logprobs, want.logprobs, atol=1e-4)
 
 
-def test_raced_samples_are_plain_samples_whatever_k(tiny_engine, tiny_dir):
-    """With the race coupling (the default) speculation never changes a seeded sample: an int8
-    drafter that is often wrong, fixed K of 2 and 6 and the adaptive gate all emit exactly plain
-    sampling's tokens and log-probs, with top-k and top-p rows in the batch. Rejection sampling
-    draws other (equally distributed) samples that depend on K."""
+def test_raced_samples_are_plain_samples_whatever_k(tiny_dir):
+    """With the race coupling (the default on CPUs) speculation never changes a seeded sample: an
+    int8 drafter that is often wrong, fixed K of 2 and 6 and the adaptive gate all emit exactly
+    plain sampling's tokens and log-probs, with top-k and top-p rows in the batch. Rejection
+    sampling draws other (equally distributed) samples that depend on K."""
     sampling = [dict(temperature=1.0), dict(temperature=0.8, top_p=0.9), dict(temperature=1.2, top_k=20), dict(temperature=0.0)]
     requests = [req(i, PROMPTS[i % len(PROMPTS)], max_new_tokens=30, seed=100 + i, ignore_eos=True, **sampling[i % 4]) for i in range(12)]
-    plain = tiny_engine.generate(requests)
-    for spec in (engine(tiny_dir, mode="always", k=2), engine(tiny_dir, mode="always", k=6),
-                 engine(tiny_dir, mode="adaptive", explore_every=3, explore_margin=1e9)):
+    plain = engine(tiny_dir, mode="plain", coupling="race").generate(requests)
+    for spec in (engine(tiny_dir, mode="always", k=2, coupling="race"), engine(tiny_dir, mode="always", k=6, coupling="race"),
+                 engine(tiny_dir, mode="adaptive", explore_every=3, explore_margin=1e9, coupling="race")):
         results = spec.generate(requests)
         assert [r.output_token_ids for r in results] == [r.output_token_ids for r in plain]
         for got, want in zip(results, plain):
