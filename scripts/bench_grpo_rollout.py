@@ -2,12 +2,13 @@
 
 Under `--coupling rejection` the example's modes sample different tokens (speculative sampling
 draws from the same distribution, not the same draws), so their rollout times mix speed with
-luck in the lengths; under the race coupling (the default) they sample the same tokens, and the
-lengths are fixed here all the same, so both couplings replay alike. This takes one step's batch of `examples/grpo.py` (its prompts and seeds; the bundled model's
-own weights, i.e. version 0), samples it once plain to learn every sample's length, then
-generates the same prompts with those lengths (ignore_eos) plain and adaptive, interleaved,
-with one fp32 engine on one CPU as the example runs it (`--device cuda`: on a GPU). Prints a
-JSON line last.
+luck in the lengths (under the race coupling, the default on CPUs, they sample the same). This
+takes one step's batch of `examples/grpo.py` (its prompts and seeds; the bundled model's
+own weights, i.e. version 0), samples it once plain (by inverse CDF, as before the race
+coupling, so that `--coupling race` and `rejection` replay the same lengths) to learn every
+sample's length, then generates the same prompts with those lengths (ignore_eos) plain and
+adaptive, interleaved, with one fp32 engine on one CPU as the example runs it (`--device cuda`:
+on a GPU). Prints a JSON line last.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="the engine's; float32 is the example's (log-prob parity with its trainer)")
     ap.add_argument("--drafter", default="int8", help="adaptive's drafter: int8, int4 or exact")
     ap.add_argument("--cuda-graphs", action="store_true", help="both engines replay their steps from CUDA graphs")
+    ap.add_argument("--coupling", default="auto", choices=["auto", "race", "rejection"], help="both engines' (SpeculationConfig.coupling)")
     a = ap.parse_args()
     if a.device == "cpu":
         os.sched_setaffinity(0, {a.cpu})
@@ -62,10 +65,14 @@ def main() -> None:
 
     requests = [request for request, _ in step_requests(a.task, a.step, a.prompts, a.group, a.max_new_tokens, a.seed)]
     prompt_of = {r.id: r.messages for r in requests}
-    engines = {mode: NativeEngine(EngineConfig(device=a.device, dtype=a.dtype, max_batch_size=a.prompts * a.group, max_seq_len=a.max_new_tokens + 192,
-                                               cuda_graphs=a.cuda_graphs, speculation=SpeculationConfig(mode=mode, drafter=a.drafter)))
+    config = EngineConfig(device=a.device, dtype=a.dtype, max_batch_size=a.prompts * a.group, max_seq_len=a.max_new_tokens + 192, cuda_graphs=a.cuda_graphs)
+    engines = {mode: NativeEngine(replace(config, speculation=SpeculationConfig(mode=mode, drafter=a.drafter, coupling=a.coupling)))
                for mode in ("plain", "adaptive")}
-    sampled = engines["plain"].generate(requests)  # exactly the example's requests (its seeds): the same samples
+    # the example's requests (its seeds) drawn by inverse CDF, as before the race coupling: every
+    # coupling replays the same lengths
+    lengths_from = engines["plain"] if engines["plain"].coupling == "rejection" else NativeEngine(
+        replace(config, cuda_graphs=False, speculation=SpeculationConfig(mode="plain", coupling="rejection")))
+    sampled = lengths_from.generate(requests)
     fixed = [RolloutRequest(id=f"f{j}", messages=prompt_of[r.request_id],
                             sampling=SamplingParams(temperature=1.0, max_new_tokens=len(r.output_token_ids), seed=j, ignore_eos=True))
              for j, r in enumerate(sampled)]
@@ -89,7 +96,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(json.dumps({"bench": "grpo_rollout", "seed": a.seed, "step": a.step, "task": a.task, "samples": len(fixed),
-                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}", "drafter": a.drafter, "cuda_graphs": a.cuda_graphs,
+                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}", "drafter": a.drafter, "coupling": engines["adaptive"].coupling, "cuda_graphs": a.cuda_graphs,
                       "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "1 CPU",
                       "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2", "repeats": rows,
                       "adaptive_over_plain": sorted(r["adaptive_over_plain"] for r in rows)}))
