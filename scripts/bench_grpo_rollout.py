@@ -2,7 +2,7 @@
 
 Under `--coupling rejection` the example's modes sample different tokens (speculative sampling
 draws from the same distribution, not the same draws), so their rollout times mix speed with
-luck in the lengths (under the race coupling, the default on CPUs, they sample the same). This
+luck in the lengths (under `--coupling race` they sample the same). This
 takes one step's batch of `examples/grpo.py` (its prompts and seeds; the bundled model's
 own weights, i.e. version 0), samples it once plain (by inverse CDF, as before the race
 coupling, so that `--coupling race` and `rejection` replay the same lengths) to learn every
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="the engine's; float32 is the example's (log-prob parity with its trainer)")
     ap.add_argument("--drafter", default="int8", help="adaptive's drafter: int8, int4 or exact")
     ap.add_argument("--cuda-graphs", action="store_true", help="both engines replay their steps from CUDA graphs")
-    ap.add_argument("--coupling", default="auto", choices=["auto", "race", "rejection"], help="both engines' (SpeculationConfig.coupling)")
+    ap.add_argument("--coupling", default="rejection", choices=["rejection", "race"], help="both engines' (SpeculationConfig.coupling)")
     a = ap.parse_args()
     if a.device == "cpu":
         os.sched_setaffinity(0, {a.cpu})
@@ -70,7 +70,7 @@ def main() -> None:
                for mode in ("plain", "adaptive")}
     # the example's requests (its seeds) drawn by inverse CDF, as before the race coupling: every
     # coupling replays the same lengths
-    lengths_from = engines["plain"] if engines["plain"].coupling == "rejection" else NativeEngine(
+    lengths_from = engines["plain"] if a.coupling == "rejection" else NativeEngine(
         replace(config, cuda_graphs=False, speculation=SpeculationConfig(mode="plain", coupling="rejection")))
     sampled = lengths_from.generate(requests)
     fixed = [RolloutRequest(id=f"f{j}", messages=prompt_of[r.request_id],
@@ -96,7 +96,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(json.dumps({"bench": "grpo_rollout", "seed": a.seed, "step": a.step, "task": a.task, "samples": len(fixed),
-                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}", "drafter": a.drafter, "coupling": engines["adaptive"].coupling, "cuda_graphs": a.cuda_graphs,
+                      "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}", "drafter": a.drafter, "coupling": a.coupling, "cuda_graphs": a.cuda_graphs,
                       "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "1 CPU",
                       "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2", "repeats": rows,
                       "adaptive_over_plain": sorted(r["adaptive_over_plain"] for r in rows)}))

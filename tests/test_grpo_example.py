@@ -2,7 +2,8 @@
 every sample comes from the version the trainer asked for, rewards and log-prob gaps are finite
 and the engines' log-probs match the trainer's recomputation. With bf16 engines under the fp32
 trainer the example says so instead of training on the gap silently. The asynchronous mode
-trains on samples at most --max-staleness versions old, and is compared with the sync modes."""
+trains on samples at most --max-staleness versions old, and is compared with the sync modes.
+Under --coupling race the sync modes sample the same tokens."""
 
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ def test_grpo_example_compares_sync_and_async_modes(tiny_dir):
         assert summary[mode]["step_time_ratio"] > 0 and summary[mode]["rollout_time_ratio"] > 0
     for mode in ("plain-sync", "adaptive-sync", "adaptive-async"):  # every mode's final policy (version 3), same prompts
         assert summary[mode]["final_sample_versions"] == [3] and 0.0 <= summary[mode]["final_reward"] <= 1.0
+
+
+def test_grpo_example_raced_modes_sample_the_same_tokens(tiny_dir):
+    """--coupling race: plain-sync and a mode that speculates on every step (always-sync) sample
+    the same tokens, so their batches, rewards and trained policies are the same, and the
+    comparison is speed alone."""
+    steps, summary, _ = run_example(tiny_dir, "--steps", "2", "--modes", "plain-sync,always-sync", "--coupling", "race",
+                                    "--eval-batches", "1")
+    plain, speculative = steps[:2], steps[2:]
+    assert [s["batch_digest"] for s in plain] == [s["batch_digest"] for s in speculative]
+    assert [s["mean_reward"] for s in plain] == [s["mean_reward"] for s in speculative]
+    assert summary["plain-sync"]["final_reward"] == summary["always-sync"]["final_reward"]
+    assert summary["coupling"] == "race"
+    steps, _, _ = run_example(tiny_dir, "--steps", "1", "--modes", "plain-sync,always-sync", "--eval-batches", "0")
+    assert steps[0]["batch_digest"] != steps[1]["batch_digest"]  # rejection sampling (the default) draws others
 
 
 def load_example():

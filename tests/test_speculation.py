@@ -55,7 +55,7 @@ def test_greedy_identical_to_plain(tiny_engine, spec_engines, mode):
 
 
 def test_raced_samples_are_plain_samples_whatever_k(tiny_dir):
-    """With the race coupling (the default on CPUs) speculation never changes a seeded sample: an
+    """With the race coupling (`--coupling race`) speculation never changes a seeded sample: an
     int8 drafter that is often wrong, fixed K of 2 and 6 and the adaptive gate all emit exactly
     plain sampling's tokens and log-probs, with top-k and top-p rows in the batch. Rejection
     sampling draws other (equally distributed) samples that depend on K."""

@@ -40,11 +40,11 @@ class SpeculationConfig:
     drafter_kernel: str = option("auto", "the drafter's linear kernel: auto (pick_kernel's choice for this device and --drafter) | "
                                  + " | ".join(DRAFTER_KERNELS) + " (overrides --drafter's int8/int4; not with exact)",
                                  choices=("auto", *DRAFTER_KERNELS))
-    coupling: str = option("auto", "race: every sampled token, plain or speculative, is the winner of an exponential race "
-                           "keyed by (seed, position, token), so speculation never changes a seeded sample | rejection: "
-                           "standard speculative sampling (accepts slightly more drafts; seeded samples then depend on "
-                           "the gate's choices of K) | auto: race on CPUs, rejection on GPUs (where the race has no fused "
-                           "kernel yet); the native engine's (SGLang verifies by rejection)", choices=("auto", "race", "rejection"))
+    coupling: str = option("rejection", "rejection: standard speculative sampling (a draft stands with probability "
+                           "min(1, p/q)); seeded samples depend on the gate's choices of K | race: every sampled token, "
+                           "plain or speculative, is the winner of an exponential race keyed by (seed, position, token), so "
+                           "speculation never changes a seeded sample, at ~10%% of the tail's speed-up (fewer drafts "
+                           "stand); the native engine's (SGLang verifies by rejection)", choices=("rejection", "race"))
     int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
     draft_vocab: int = option(0, "N > 0: the drafter's LM head keeps the N tokens finished rollouts emitted most, once it "
                               "has seen N; lossless, and pays off for greedy decoding only (see VocabHead)")
@@ -64,8 +64,8 @@ class SpeculationConfig:
             raise ValueError(f"drafter must be int8, int4 or exact, got {self.drafter!r}")
         if self.drafter_kernel not in ("auto", *DRAFTER_KERNELS):
             raise ValueError(f"drafter_kernel must be auto or one of {DRAFTER_KERNELS}, got {self.drafter_kernel!r}")
-        if self.coupling not in ("auto", "race", "rejection"):
-            raise ValueError(f"coupling must be auto, race or rejection, got {self.coupling!r}")
+        if self.coupling not in ("race", "rejection"):
+            raise ValueError(f"coupling must be rejection or race, got {self.coupling!r}")
         if not 1 <= self.k <= 32 or not 1 <= self.k_max <= 32:
             raise ValueError("k and k_max must be in 1..32")
         if self.draft_vocab < 0:

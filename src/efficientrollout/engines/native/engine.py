@@ -88,10 +88,6 @@ class NativeEngine:
         self.device = resolve_device(config.device)
         self.torch_dtype = resolve_dtype(config.dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")  # what results report their log-probs in
-        # auto: the race where our C++ kernel makes it the cheapest draw (CPUs); on GPUs its PyTorch
-        # ops cost ~0.6 ms a draw (H100), ten times an inverse-CDF draw
-        coupling = config.speculation.coupling
-        self.coupling = coupling if coupling != "auto" else "race" if self.device.type == "cpu" else "rejection"
         loaded = load_model(config.model, self.torch_dtype, self.device, config.max_seq_len)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = loaded.eos_token_ids
@@ -286,7 +282,7 @@ class NativeEngine:
         params = self._sampling_batch(running)
         out = speculative_step(
             self.runner, self.drafter.decoder, last_tokens, last_positions, [s.seed for s in running], params, k,
-            self.coupling,
+            self.config.speculation.coupling,
         )
         if self.runner.captures == captures:
             self.gate.observe_draft(b, out.draft_s / k)
@@ -313,7 +309,7 @@ class NativeEngine:
         """Pick one token for running[slot] per logits row, then retire finished samples."""
         seqs = [running[i] for i in slots]
         seeds, positions = [s.seed for s in seqs], [s.num_tokens for s in seqs]
-        if self.coupling == "race":  # the draw a speculative step verifies against
+        if self.config.speculation.coupling == "race":  # the draw a speculative step verifies against
             tokens, logprobs = sample(logits, self._sampling_batch(seqs), keys=race_keys(seeds, positions).to(logits.device))
         else:
             tokens, logprobs = sample(logits, self._sampling_batch(seqs), uniforms=torch.from_numpy(seeded_uniform(seeds, positions)).to(logits.device))

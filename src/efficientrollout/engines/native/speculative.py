@@ -58,7 +58,7 @@ def _race_keys(seeds: list[int], positions: Tensor) -> Tensor:
 @torch.inference_mode()
 def speculative_step(
     runner: ModelRunner, drafter, last_tokens: list[int], last_positions: list[int], seeds: list[int], params: SamplingBatch, k: int,
-    coupling: str = "race",
+    coupling: str = "rejection",
 ) -> SpecOutcome:
     dev, b, sampled = runner.device, len(last_tokens), params.any_sampled
     greedy = params.temperature == 0
