@@ -13,6 +13,7 @@ from efficientrollout.sampling import (
     derive_seed,
     filtered_probs,
     inverse_cdf,
+    inverse_cdf_torch,
     race,
     race_keys,
     race_torch,
@@ -103,6 +104,22 @@ def test_race_kernel_picks_what_the_pytorch_race_picks():
         got, want = cpu_ops().race(probs, keys, RACE_GROUP), race_torch(probs, keys)
         assert (got == want).float().mean() >= 0.995, V  # group masses are summed in another order
         assert torch.equal(got[8:16], want[8:16]) and (probs.gather(-1, got[:, None]) > 0).all()
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="needs our CPU kernels (a C++ compiler)")
+def test_inverse_cdf_kernel_picks_what_the_pytorch_draw_picks():
+    """The C++ inverse-CDF draw (CPU engines) against PyTorch's cumsum and searchsorted: the
+    same tokens, zero-probability tokens never, u at both ends of [0, 1)."""
+    torch.manual_seed(3)
+    for V in (300, 49152):
+        probs = torch.softmax(torch.randn(512, V) * torch.linspace(0.5, 6, 512)[:, None], -1)
+        probs[:, ::4] = 0.0
+        probs /= probs.sum(-1, keepdim=True)
+        u = torch.from_numpy(seeded_uniform([5] * 512, list(range(512))))
+        u[:2] = torch.tensor([0.0, 1.0 - 2**-53], dtype=torch.float64)
+        got = cpu_ops().inverse_cdf(probs, u)
+        assert (got == inverse_cdf_torch(probs, u)).float().mean() >= 0.995, V  # sums in another order
+        assert (probs.gather(-1, got[:, None]) > 0).all()
 
 
 def test_filters_match_a_per_row_reference():

@@ -160,7 +160,18 @@ def filtered_probs(logprobs: Tensor, params: SamplingBatch) -> Tensor:
 
 
 def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
-    """Token per row with P(token) = probs[row, token]; uniforms [b] in [0, 1)."""
+    """Token per row with P(token) = probs[row, token]; uniforms [b] in [0, 1): the first token
+    whose cumulative mass exceeds u times the row's total."""
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        from .kernels import cpu_ops
+
+        if (ops := cpu_ops()) is not None:  # one pass per row in C++ (kernels/race_cpu.cpp)
+            return ops.inverse_cdf(probs, uniforms.double())
+    return inverse_cdf_torch(probs, uniforms)
+
+
+def inverse_cdf_torch(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """`inverse_cdf` in PyTorch ops (any device)."""
     cdf = probs.double().cumsum(-1)
     target = (uniforms.to(cdf) * cdf[:, -1])[:, None]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
