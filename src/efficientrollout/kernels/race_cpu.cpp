@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -28,6 +29,20 @@ inline uint32_t mix32(uint32_t x) {
 // -log(U) for U = (h + 0.5) / 2^32, h the hash of id under the row's key (sampling.race_uniforms)
 inline double exponential(uint32_t id, uint32_t lo, uint32_t hi) {
   return -std::log((static_cast<double>(mix32(mix32(id ^ lo) ^ hi)) + 0.5) * (1.0 / 4294967296.0));
+}
+
+// row[start:stop] summed in Acc over `Lanes` running sums, which the compiler keeps in vector
+// registers (one running sum would serialize on the adds' latency)
+template <typename Acc, int Lanes>
+Acc block_sum(const float* row, int64_t start, int64_t stop) {
+  Acc lanes[Lanes] = {};
+  int64_t i = start;
+  for (; i + Lanes <= stop; i += Lanes)
+    for (int j = 0; j < Lanes; ++j) lanes[j] += row[i + j];
+  Acc s = 0;
+  for (int j = 0; j < Lanes; ++j) s += lanes[j];
+  for (; i < stop; ++i) s += row[i];
+  return s;
 }
 
 }  // namespace
@@ -52,13 +67,7 @@ at::Tensor race(const at::Tensor& probs, const at::Tensor& keys, int64_t group) 
       double first = inf;
       for (int64_t g = 0; g < groups; ++g) {  // round 1: groups race with their masses (ids V + g)
         const int64_t start = g * group, stop = std::min(start + group, V);
-        float lanes[16] = {};  // 16 running sums the compiler keeps in vector registers
-        int64_t i = start;
-        for (; i + 16 <= stop; i += 16)
-          for (int j = 0; j < 16; ++j) lanes[j] += row[i + j];
-        float mass = 0.f;
-        for (int j = 0; j < 16; ++j) mass += lanes[j];
-        for (; i < stop; ++i) mass += row[i];
+        const float mass = block_sum<float, 16>(row, start, stop);
         const double t = mass > 0.f ? exponential(static_cast<uint32_t>(V + g), lo, hi) / mass : inf;
         if (t < first) first = t, best_group = g;
       }
@@ -92,17 +101,9 @@ at::Tensor inverse_cdf(const at::Tensor& probs, const at::Tensor& uniforms) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = pp + r * V;
       double total = 0.0;
-      for (int64_t k = 0; k < blocks; ++k) {  // block sums, 8 running lanes the compiler vectorizes
-        const int64_t start = k * block, stop = std::min(start + block, V);
-        double lanes[8] = {};
-        int64_t i = start;
-        for (; i + 8 <= stop; i += 8)
-          for (int j = 0; j < 8; ++j) lanes[j] += row[i + j];
-        double s = 0.0;
-        for (int j = 0; j < 8; ++j) s += lanes[j];
-        for (; i < stop; ++i) s += row[i];
-        sums[k] = s;
-        total += s;
+      for (int64_t k = 0; k < blocks; ++k) {
+        sums[k] = block_sum<double, 8>(row, k * block, std::min((k + 1) * block, V));
+        total += sums[k];
       }
       const double target = up[r] * total;
       int64_t token = -1;
