@@ -423,7 +423,7 @@ def main() -> None:
                     help="the engines' precision; float32 matches the fp32 trainer's log-probs (auto: bf16 where the CPU has it)")
     ap.add_argument("--coupling", default="rejection", choices=["rejection", "race"],
                     help="the engines' speculative sampling; race: plain and speculative modes sample the same tokens "
-                         "(the same batches and rewards; the comparison is then speed alone), at ~10%% of the tail's speed-up")
+                         "(the same batches and rewards; the comparison is then speed alone), for about a third of the tail's speed-up")
     ap.add_argument("--redis", help="use a running fleet instead (with --policy and --token); one run, no comparison")
     ap.add_argument("--policy")
     ap.add_argument("--token")

@@ -43,7 +43,7 @@ class SpeculationConfig:
     coupling: str = option("rejection", "rejection: standard speculative sampling (a draft stands with probability "
                            "min(1, p/q)); seeded samples depend on the gate's choices of K | race: every sampled token, "
                            "plain or speculative, is the winner of an exponential race keyed by (seed, position, token), so "
-                           "speculation never changes a seeded sample, at ~10%% of the tail's speed-up (fewer drafts "
+                           "speculation never changes a seeded sample, for about a third of the tail's speed-up (fewer drafts "
                            "stand); the native engine's (SGLang verifies by rejection)", choices=("rejection", "race"))
     int4_group_size: int = option(64, "must divide every layer width (SmolLM2's 576 does not divide by 128)")
     draft_vocab: int = option(0, "N > 0: the drafter's LM head keeps the N tokens finished rollouts emitted most, once it "
