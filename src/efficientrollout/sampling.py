@@ -4,16 +4,19 @@ Reproducible seeds without per-row generators: each draw takes its randomness fr
 counter-based hash of (sample seed, token position, stream), so a sample's tokens depend on its
 own seed and logits only, never on its batch neighbours. Two ways to turn that into a token:
 
-- inverse CDF in vocabulary order (`inverse_cdf`; filters only zero entries out);
+- inverse CDF in vocabulary order (`inverse_cdf`; filters only zero entries out), what plain
+  steps and rejection sampling draw with (the default coupling);
 - an exponential race (`race`): token i arrives at E_i / p_i, E_i = -log U_i with U_i hashed
   from (seed, position, i), and the first arrival wins, which is a draw from p. Two
   distributions raced with the same key mostly pick the same token where they are alike, so a
   drafter racing with the target's key drafts the token plain sampling will pick as often as
-  it can (speculative.py). The race runs in two rounds, groups of ids then tokens, which
+  it can (speculative.py, `--coupling race`). The race runs in two rounds, groups of ids then tokens, which
   hashes ~450 ids per row instead of the vocabulary. (A race over the top 64 tokens with the
   rest as one competitor was cheaper still but coupled badly: at temperature 1 the rest often
   wins, and its pick by inverse CDF almost never matches: drafts accepted 0.74 vs 0.91 by
   rejection sampling, SmolLM2, K = 4.)
+
+On CPUs both run as one C++ pass per row (kernels/race_cpu.cpp), elsewhere as PyTorch ops.
 """
 
 from __future__ import annotations
