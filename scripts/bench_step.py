@@ -15,7 +15,7 @@ its own keys and values back), so each drafter is measured at the first draft po
 speculative step, with its decode kernels (a forward over a whole reply would run other
 kernels: FBGEMM with per-tensor activations on CPUs). Per position: sum(min(p, q)), the
 chance speculative (rejection) sampling accepts that draft, how often the drafter's race picks
-the target's token (the race coupling, the engine's default: sampling.race), and whether
+the target's token (the race coupling, `--coupling race`: sampling.race), and whether
 greedy drafts match. A check of
 the replay itself: the target's log-prob of each reply token there against the one the engine
 reported when it sampled it (`target_logprob_gap`, the largest difference; ~1e-5 in fp32; in

@@ -16,7 +16,7 @@ own seed and logits only, never on its batch neighbours. Two ways to turn that i
   wins, and its pick by inverse CDF almost never matches: drafts accepted 0.74 vs 0.91 by
   rejection sampling, SmolLM2, K = 4.)
 
-On CPUs both run as one C++ pass per row (kernels/race_cpu.cpp), elsewhere as PyTorch ops.
+On CPUs both run as one C++ pass per row (kernels/sampling_cpu.cpp), elsewhere as PyTorch ops.
 """
 
 from __future__ import annotations
@@ -88,12 +88,18 @@ def race(probs: Tensor, keys: Tensor) -> Tensor:
     """A token per row drawn from probs [b, V] by the keyed race (module docstring), in two rounds:
     the vocabulary's groups of RACE_GROUP consecutive ids race with their masses, then the winning
     group's tokens race with theirs (each round exact, so the pick is a draw from probs)."""
-    if probs.device.type == "cpu" and probs.dtype == torch.float32:
-        from .kernels import cpu_ops
+    ops = _cpu_draws(probs)
+    return ops.race(probs, keys, RACE_GROUP) if ops is not None else race_torch(probs, keys)
 
-        if (ops := cpu_ops()) is not None:  # the same race in one C++ pass (kernels/race_cpu.cpp)
-            return ops.race(probs, keys, RACE_GROUP)
-    return race_torch(probs, keys)
+
+def _cpu_draws(probs: Tensor):
+    """Our CPU kernels where they can draw from `probs` (fp32 on a CPU: kernels/sampling_cpu.cpp,
+    one pass per row), else None (the PyTorch versions)."""
+    if probs.device.type != "cpu" or probs.dtype != torch.float32:
+        return None
+    from .kernels import cpu_ops
+
+    return cpu_ops()
 
 
 def race_torch(probs: Tensor, keys: Tensor) -> Tensor:
@@ -165,12 +171,8 @@ def filtered_probs(logprobs: Tensor, params: SamplingBatch) -> Tensor:
 def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
     """Token per row with P(token) = probs[row, token]; uniforms [b] in [0, 1): the first token
     whose cumulative mass exceeds u times the row's total."""
-    if probs.device.type == "cpu" and probs.dtype == torch.float32:
-        from .kernels import cpu_ops
-
-        if (ops := cpu_ops()) is not None:  # one pass per row in C++ (kernels/race_cpu.cpp)
-            return ops.inverse_cdf(probs, uniforms.double())
-    return inverse_cdf_torch(probs, uniforms)
+    ops = _cpu_draws(probs)
+    return ops.inverse_cdf(probs, uniforms.double()) if ops is not None else inverse_cdf_torch(probs, uniforms)
 
 
 def inverse_cdf_torch(probs: Tensor, uniforms: Tensor) -> Tensor:
@@ -182,7 +184,7 @@ def inverse_cdf_torch(probs: Tensor, uniforms: Tensor) -> Tensor:
 
 def draw(logprobs: Tensor, params: SamplingBatch, keys: Tensor | None = None, uniforms: Tensor | None = None) -> Tensor:
     """A draw per row from the filtered distribution of scaled log-probs [b, V]: by race with
-    `keys` [b, 2], else by inverse CDF with `uniforms` [b]. Greedy rows take the argmax instead."""
+    `keys` [b, 2], else by inverse CDF with `uniforms` [b] (callers keep the argmax in greedy rows)."""
     probs = filtered_probs(logprobs, params)
     return race(probs, keys) if keys is not None else inverse_cdf(probs, uniforms)
 

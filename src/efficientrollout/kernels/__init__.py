@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "attention_cpu.cpp", "attention_f32_cpu.cpp", "gemv_cpu.cpp", "gemv_f32_cpu.cpp", "panels_f32_cpu.cpp", "int8_vnni_cpu.cpp", "layer_cpu.cpp", "quantize_cpu.cpp", "race_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "attention_cpu.cpp", "attention_f32_cpu.cpp", "gemv_cpu.cpp", "gemv_f32_cpu.cpp", "panels_f32_cpu.cpp", "int8_vnni_cpu.cpp", "layer_cpu.cpp", "quantize_cpu.cpp", "sampling_cpu.cpp")]
 
 
 def _cpu_tag() -> str:

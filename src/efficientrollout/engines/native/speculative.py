@@ -41,18 +41,17 @@ class SpecOutcome:
     verify_s: float
 
 
+def _per_position(hash_rows, seeds: list[int], positions: Tensor) -> Tensor:
+    """positions [b, T] → hash_rows(seeds, positions) of each (row's seed, position), [b, T, ...]
+    on positions' device."""
+    b, T = positions.shape
+    out = torch.as_tensor(hash_rows([s for s in seeds for _ in range(T)], positions.reshape(-1).tolist()))
+    return out.view(b, T, *out.shape[1:]).to(positions.device)
+
+
 def _uniforms(seeds: list[int], positions: Tensor, stream: int) -> Tensor:
-    """positions [b, T] → uniforms [b, T] (float64, on positions' device)."""
-    b, T = positions.shape
-    u = seeded_uniform([s for s in seeds for _ in range(T)], positions.reshape(-1).tolist(), stream)
-    return torch.from_numpy(u).view(b, T).to(positions.device)
-
-
-def _race_keys(seeds: list[int], positions: Tensor) -> Tensor:
-    """positions [b, T] → race keys [b, T, 2] of the tokens at those positions (on their device)."""
-    b, T = positions.shape
-    keys = race_keys([s for s in seeds for _ in range(T)], positions.reshape(-1).tolist())
-    return keys.view(b, T, 2).to(positions.device)
+    """positions [b, T] → uniforms [b, T] (float64)."""
+    return _per_position(lambda s, p: seeded_uniform(s, p, stream), seeds, positions)
 
 
 @torch.inference_mode()
@@ -68,7 +67,7 @@ def speculative_step(
     kv_len = max(last_positions) + k + 1
 
     t0 = time.perf_counter()
-    keys = _race_keys(seeds, positions + 1) if race else None  # the token drafted / verified at each position + 1
+    keys = _per_position(race_keys, seeds, positions + 1) if race else None  # the token drafted / verified at each position + 1
     draft_u = _uniforms(seeds, positions[:, 1:], 1) if sampled and not race else None
     cur, drafts, draft_probs = last, [], []
     for i in range(k):
