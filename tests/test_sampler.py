@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from efficientrollout.kernels import cpu_ops
+from efficientrollout.kernels.sampling_triton import race_op
 from efficientrollout.sampling import (
     RACE_GROUP,
     SamplingBatch,
@@ -21,6 +22,18 @@ from efficientrollout.sampling import (
     scaled_logprobs,
     seeded_uniform,
 )
+
+
+CUDA_KERNEL = pytest.mark.skipif(not torch.cuda.is_available() or race_op() is None, reason="needs a GPU and Triton")
+
+
+def race_on_cuda(probs, keys):
+    """`race` on CUDA tensors (the Triton kernel), picks back on the CPU."""
+    return race(probs.cuda(), keys.cuda()).cpu()
+
+
+RACES = [pytest.param(race, id="this-device"), pytest.param(race_torch, id="pytorch"),
+         pytest.param(race_on_cuda, id="cuda", marks=CUDA_KERNEL)]
 
 
 def test_seeded_uniform_is_a_pure_function_in_range():
@@ -44,7 +57,7 @@ def test_inverse_cdf_follows_the_distribution():
     assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
 
 
-@pytest.mark.parametrize("race", [race, race_torch], ids=["this-device", "pytorch"])
+@pytest.mark.parametrize("race", RACES)
 def test_race_follows_the_distribution_and_is_a_function_of_its_keys(race):
     """600 tokens: three groups of the first round, the last one padded; zeros never drawn."""
     torch.manual_seed(0)
@@ -70,7 +83,7 @@ def test_race_follows_the_distribution_and_is_a_function_of_its_keys(race):
     assert (race(probs.expand(n, -1), race_keys([12] * n, list(range(n)))) != tokens).any()
 
 
-@pytest.mark.parametrize("race", [race, race_torch], ids=["this-device", "pytorch"])
+@pytest.mark.parametrize("race", RACES)
 def test_race_picks_the_same_token_for_alike_distributions(race):
     """The coupling speculation relies on: equal distributions always pick alike, close ones
     about as often as sum(min(p, q)), far more often than independent draws would."""
@@ -89,10 +102,13 @@ def test_race_picks_the_same_token_for_alike_distributions(race):
     assert independent < 0.5 * match
 
 
-@pytest.mark.skipif(cpu_ops() is None, reason="needs our CPU kernels (a C++ compiler)")
-def test_race_kernel_picks_what_the_pytorch_race_picks():
-    """The C++ race (CPU engines) against the PyTorch one (GPUs): the same tokens, rows of
-    several widths, zeros and all-in-one-group rows included."""
+@pytest.mark.parametrize("kernel", [
+    pytest.param(lambda probs, keys: cpu_ops().race(probs, keys, RACE_GROUP), id="cpu",
+                 marks=pytest.mark.skipif(cpu_ops() is None, reason="needs our CPU kernels (a C++ compiler)")),
+    pytest.param(lambda probs, keys: race_op()(probs.cuda(), keys.cuda(), RACE_GROUP).cpu(), id="cuda", marks=CUDA_KERNEL)])
+def test_race_kernel_picks_what_the_pytorch_race_picks(kernel):
+    """The C++ race (CPU engines) and the Triton one (GPUs) against the PyTorch one: the same
+    tokens, rows of several widths, zeros and all-in-one-group rows included."""
     torch.manual_seed(2)
     for V in (600, 49152):
         probs = torch.softmax(torch.randn(256, V) * torch.linspace(0.5, 8, 256)[:, None], -1)
@@ -101,7 +117,7 @@ def test_race_kernel_picks_what_the_pytorch_race_picks():
         probs[8:16, 5:9] = 0.25  # all the mass in one group
         probs /= probs.sum(-1, keepdim=True)
         keys = race_keys(list(range(256)), [V] * 256)
-        got, want = cpu_ops().race(probs, keys, RACE_GROUP), race_torch(probs, keys)
+        got, want = kernel(probs, keys), race_torch(probs, keys)
         assert (got == want).float().mean() >= 0.995, V  # group masses are summed in another order
         assert torch.equal(got[8:16], want[8:16]) and (probs.gather(-1, got[:, None]) > 0).all()
 
@@ -151,3 +167,22 @@ def test_greedy_rows_take_the_argmax_and_report_unscaled_logprobs():
     tokens, lps = sample(logits, params, uniforms=torch.zeros(2, dtype=torch.float64))
     assert tokens.tolist() == [1, 2]
     assert torch.allclose(lps, torch.log_softmax(logits, -1)[[0, 1], [1, 2]])
+
+
+def test_bench_sampling_times_each_draw_and_checks_the_race():
+    """scripts/bench_sampling.py: a time for every draw at every row count, and this device's race
+    picking the PyTorch race's tokens."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_sampling.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--rows", "1,5", "--vocab", "3000", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.splitlines()[-1])
+    assert summary["bench"] == "sampling" and [r["rows"] for r in summary["rows"]] == [1, 5]
+    for row in summary["rows"]:
+        assert all(row[f"{name}_ms"] > 0 for name in ("race", "race_pytorch", "inverse_cdf", "sample_race", "sample_inverse_cdf"))
+        assert row["race_matches_pytorch"] == 1.0  # sums in another order flip a pick only at a near-tie

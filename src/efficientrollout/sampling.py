@@ -16,7 +16,8 @@ own seed and logits only, never on its batch neighbours. Two ways to turn that i
   wins, and its pick by inverse CDF almost never matches: drafts accepted 0.74 vs 0.91 by
   rejection sampling, SmolLM2, K = 4.)
 
-On CPUs both run as one C++ pass per row (kernels/sampling_cpu.cpp), elsewhere as PyTorch ops.
+On CPUs both run as one C++ pass per row (kernels/sampling_cpu.cpp), the race on GPUs as one
+Triton kernel (kernels/sampling_triton.py), the rest as PyTorch ops.
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ def race(probs: Tensor, keys: Tensor) -> Tensor:
     """A token per row drawn from probs [b, V] by the keyed race (module docstring), in two rounds:
     the vocabulary's groups of RACE_GROUP consecutive ids race with their masses, then the winning
     group's tokens race with theirs (each round exact, so the pick is a draw from probs)."""
-    ops = _cpu_draws(probs)
-    return ops.race(probs, keys, RACE_GROUP) if ops is not None else race_torch(probs, keys)
+    if (ops := _cpu_draws(probs)) is not None:
+        return ops.race(probs, keys, RACE_GROUP)
+    if probs.is_cuda and probs.dtype == torch.float32:
+        from .kernels.sampling_triton import race_op
+
+        if (op := race_op(probs.device)) is not None:
+            return op(probs, keys, RACE_GROUP)
+    return race_torch(probs, keys)
 
 
 def _cpu_draws(probs: Tensor):
