@@ -17,7 +17,9 @@ last() { tail -1 "$1" | cut -c1-"${2:-2000}"; }
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 echo "== tests on CUDA"
 timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_speculation.py tests/test_drafter.py \
-  tests/test_engine.py > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
+  tests/test_engine.py tests/test_sampler.py > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
+echo "== sampling draws (the race's Triton kernel against PyTorch ops)"
+timeout 90 "$PY" scripts/bench_sampling.py --device cuda --rows 1,8,64,256 > "$OUT/sampling.log" 2>&1; last "$OUT/sampling.log" 1500
 echo "== drafter kernels per linear"
 timeout 120 "$PY" scripts/bench_linear.py > "$OUT/linear.log" 2>&1; grep '^{"shape' "$OUT/linear.log" | cut -c1-400
 [ -f "$MODEL/config.json" ] || timeout 120 "$PY" scripts/make_random_checkpoint.py "$MODEL" --layers 8
