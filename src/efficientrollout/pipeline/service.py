@@ -209,7 +209,7 @@ class EngineService:
             downloaded = time.perf_counter() - t0
             await engine_thread().run(self.engine.update_weights, path, latest)
         except FetchStopped:
-            log.info("stopping: not waiting for policy version %d", latest)
+            log.info("stopping: not fetching policy version %d", latest)
             return
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old weights serving
             self.metrics.weight_update_failures += 1

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import msgspec
 
-from .client import PolicyClient, download_path
+from .client import FetchStopped, PolicyClient, download_path
 from .store import WEIGHTS_FILE
 
 _VERSION = re.compile(rf"v(\d+)(?:\.json|\.{re.escape(WEIGHTS_FILE)})?")
@@ -54,10 +54,6 @@ def _check_private(path: Path, parent: bool = False) -> None:
     if (st.st_uid != os.getuid() and not parent) or shared:
         raise PermissionError(f"{path}: a weight cache needs a directory only this user can change "
                               f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)})")
-
-
-class FetchStopped(Exception):
-    """Told to stop while another engine on this host held the cache (fetching a version)."""
 
 
 def _lock(lock, stopping: Callable[[], bool] | None, version: int) -> None:
@@ -102,8 +98,9 @@ class WeightCache:
     def fetch(self, client: PolicyClient, version: int, stopping: Callable[[], bool] | None = None) -> tuple[Path, bool]:
         """The version's verified weights (a file, or a directory of shards) and whether this
         call downloaded them (False: another engine on this host had). While another engine
-        holds the cache, `stopping()` is asked every 20 ms; True raises FetchStopped (an engine
-        told to stop need not wait out another's download: for a large policy, a minute)."""
+        holds the cache, `stopping()` is asked every 20 ms, and between 4 MiB chunks while this
+        one downloads; True raises FetchStopped (an engine told to stop need not wait out a
+        download: for a large policy, a minute). What arrived stays, and the next fetch resumes it."""
         if self._members.closed:
             raise RuntimeError("this weight cache was closed")
         manifest = client.manifest(version)
@@ -119,7 +116,7 @@ class WeightCache:
                 return path, False  # exactly these weights, complete
             # other weights under this number go; a cut download (no manifest yet) resumes
             self._remove(version, keep=() if marker.exists() else names)
-            client.download(version, self.root, manifest)
+            client.download(version, self.root, manifest, stopping)
             tmp = marker.with_suffix(".json.tmp")
             tmp.write_bytes(stamp)
             os.replace(tmp, marker)

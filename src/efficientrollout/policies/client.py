@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -137,6 +137,11 @@ class PolicyPublisher:
         raise _with_upload(PolicyUnavailable(f"{name}: {error} after {self.retries + 1} attempts"), upload)
 
 
+class FetchStopped(Exception):
+    """Told to stop while fetching a version: downloading it, or waiting for another engine on
+    this host that was (WeightCache.fetch)."""
+
+
 def download_path(dest: Path, version: int, names: list[str]) -> Path:
     """Where `PolicyClient.download(version, dest)` puts a version of these files: the file
     itself for a one-file version, else a directory of its shards."""
@@ -172,22 +177,24 @@ class PolicyClient:
             _raise_for_status(path, r.status_code, r.text)
         return r
 
-    def download(self, version: int, dest: Path, manifest: WeightManifest | None = None) -> Path:
+    def download(self, version: int, dest: Path, manifest: WeightManifest | None = None,
+                 stopping: Callable[[], bool] | None = None) -> Path:
         """Fetch the version's weights into `dest` (a directory), each file verified against the
         manifest (fetched unless given): the file itself for a one-file version, else a
-        directory of its shards."""
+        directory of its shards. `stopping()`, asked between 4 MiB chunks, True raises
+        FetchStopped and leaves what arrived for a later call to resume."""
         files = (manifest or self.manifest(version)).files
         dest.mkdir(parents=True, exist_ok=True)
         names = [f.name for f in files]
         path = download_path(dest, version, names)
         if names == [WEIGHTS_FILE]:
-            return self._fetch(version, files[0], path)
+            return self._fetch(version, files[0], path, stopping)
         path.mkdir(exist_ok=True)
         for entry in files:
-            self._fetch(version, entry, path / entry.name)
+            self._fetch(version, entry, path / entry.name, stopping)
         return path
 
-    def _fetch(self, version: int, entry: FileEntry, path: Path) -> Path:
+    def _fetch(self, version: int, entry: FileEntry, path: Path, stopping: Callable[[], bool] | None) -> Path:
         """One file, resumed after a cut, verified against its sha256."""
         url = f"{self.url}/v1/versions/{version}/files/{entry.name}"
         for attempt in range(self.retries + 1):
@@ -208,6 +215,9 @@ class PolicyClient:
                             while chunk := r.read(4 << 20):
                                 digest.update(chunk)
                                 f.write(chunk)
+                                if stopping is not None and stopping():
+                                    raise FetchStopped(f"stopped while downloading version {version} "
+                                                       f"({entry.name}: {f.tell()} of {entry.size} bytes kept to resume)")
             except (OSError, http.client.HTTPException) as exc:  # URLError and HTTPError are OSErrors
                 if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                     _raise_for_status(url, exc.code, exc.read().decode(errors="replace"))
