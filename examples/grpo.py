@@ -395,6 +395,40 @@ def print_table(mode: str, rows: list[dict], evaluation: dict | None = None) -> 
               f"reward {evaluation['eval_reward']} +- {evaluation['eval_reward_se']}")
 
 
+def plot_modes(results: dict[str, tuple[list[dict], dict | None]], path: str, title: str) -> None:
+    """Per step and mode, side by side: the step's time as rollout (the trainer waiting for its
+    batch), training and weight sync, stacked; below, each step's mean reward (the final
+    policy's on fresh prompts in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (times, rewards) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, height_ratios=(2, 1))
+    width = 0.8 / len(results)
+    for m, (mode, (rows, evaluation)) in enumerate(results.items()):
+        steps = [r["step"] for r in rows]
+        x = [step + (m - (len(results) - 1) / 2) * width for step in steps]
+        below = [0.0] * len(rows)
+        for key, part, alpha in (("rollout_s", "rollout", 1.0), ("train_s", "train", 0.55), ("sync_s", "sync", 0.25)):
+            v = [r[key] for r in rows]
+            times.bar(x, v, width, bottom=below, color=f"C{m}", alpha=alpha, edgecolor="white", lw=0.5,
+                      label=f"{mode}: {part} ({sum(v):.0f} s)")
+            below = [b + t for b, t in zip(below, v)]
+        final = f", final policy {evaluation['eval_reward']} ± {evaluation['eval_reward_se']}" if evaluation else ""
+        rewards.plot(steps, [r["mean_reward"] for r in rows], "o-", color=f"C{m}", label=f"{mode}{final}")
+    times.set_ylabel("seconds")
+    times.set_ylim(top=times.get_ylim()[1] * 1.35)  # room for the legend
+    times.legend(fontsize=7, ncol=len(results), loc="upper right")
+    times.set_title(title)
+    rewards.set_ylabel("mean reward")
+    rewards.set_xlabel("step")
+    rewards.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mixed", choices=sorted(TASKS), help="one-word: one-word answers (replies shorten as "
@@ -424,6 +458,7 @@ def main() -> None:
     ap.add_argument("--coupling", default="rejection", choices=["rejection", "race"],
                     help="the engines' speculative sampling; race: plain and speculative modes sample the same tokens "
                          "(the same batches and rewards; the comparison is then speed alone), for about a third of the tail's speed-up")
+    ap.add_argument("--png", default="out/grpo_modes.png", help="the modes' step times and rewards per step, as a picture ('' for none)")
     ap.add_argument("--redis", help="use a running fleet instead (with --policy and --token); one run, no comparison")
     ap.add_argument("--policy")
     ap.add_argument("--token")
@@ -483,6 +518,13 @@ def main() -> None:
                 s["step_time_ratio"] = round(s["step_s"] / p["step_s"], 3)
                 print(f"{mode} vs {base}: rollout time {change(s['rollout_time_ratio'])}, step time {change(s['step_time_ratio'])}")
         print("(the paper reports 19.6% lower rollout time and 12.7% lower step time)")
+    if a.png:
+        ratios = ", ".join(f"{m} ×{summary[m]['step_time_ratio']}" for m in results if "step_time_ratio" in summary[m])
+        os.makedirs(os.path.dirname(a.png) or ".", exist_ok=True)
+        plot_modes(results, a.png, f"GRPO, {a.task} task, seed {a.seed}, ≤ {a.max_new_tokens} tokens"
+                   + (f": step time vs {base} {ratios}" if ratios else ""))
+        summary["png"] = a.png
+        print(f"picture: {a.png}")
     print(json.dumps(summary))
 
 

@@ -19,9 +19,9 @@ import torch
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grpo.py"
 
 
-def run_example(tiny_dir, *args: str) -> tuple[list[dict], dict, str]:
+def run_example(tiny_dir, *args: str, png: str = "") -> tuple[list[dict], dict, str]:
     out = subprocess.run([sys.executable, str(EXAMPLE), "--model", str(tiny_dir), "--prompts", "3", "--group", "2",
-                          "--max-new-tokens", "12", *args], capture_output=True, text=True, timeout=600)
+                          "--max-new-tokens", "12", "--png", png, *args], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return [x for x in lines if "step" in x], lines[-1], out.stderr
@@ -47,8 +47,10 @@ def test_grpo_example_warns_when_engines_run_another_precision(tiny_dir):
     assert "warning: the engines computed log-probs in bfloat16, the trainer in float32" in stderr
 
 
-def test_grpo_example_compares_sync_and_async_modes(tiny_dir):
-    steps, summary, _ = run_example(tiny_dir, "--steps", "3", "--modes", "plain-sync,adaptive-sync,adaptive-async")
+def test_grpo_example_compares_sync_and_async_modes(tiny_dir, tmp_path):
+    png = tmp_path / "pictures" / "grpo.png"
+    steps, summary, _ = run_example(tiny_dir, "--steps", "3", "--modes", "plain-sync,adaptive-sync,adaptive-async", png=str(png))
+    assert summary["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert [s["step"] for s in steps] == [0, 1, 2] * 3
     asynchronous = steps[6:]
     assert [s["published"] for s in asynchronous] == [1, 2, 3]
