@@ -420,7 +420,7 @@ def plot_modes(results: dict[str, tuple[list[dict], dict | None]], path: str, ti
     times.set_ylabel("seconds")
     times.set_ylim(top=times.get_ylim()[1] * 1.35)  # room for the legend
     times.legend(fontsize=7, ncol=len(results), loc="upper right")
-    times.set_title(title)
+    times.set_title(title, fontsize=10)
     rewards.set_ylabel("mean reward")
     rewards.set_xlabel("step")
     rewards.legend(fontsize=8)
@@ -521,8 +521,8 @@ def main() -> None:
     if a.png:
         ratios = ", ".join(f"{m} ×{summary[m]['step_time_ratio']}" for m in results if "step_time_ratio" in summary[m])
         os.makedirs(os.path.dirname(a.png) or ".", exist_ok=True)
-        plot_modes(results, a.png, f"GRPO, {a.task} task, seed {a.seed}, ≤ {a.max_new_tokens} tokens"
-                   + (f": step time vs {base} {ratios}" if ratios else ""))
+        plot_modes(results, a.png, f"GRPO, {a.task} task, seed {a.seed}, ≤ {a.max_new_tokens} tokens, {a.coupling} coupling"
+                   + (f"\nstep time vs {base}: {ratios}" if ratios else ""))
         summary["png"] = a.png
         print(f"picture: {a.png}")
     print(json.dumps(summary))
