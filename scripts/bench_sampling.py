@@ -1,6 +1,7 @@
 """Time one draw per row from [rows, V] probabilities: the keyed race as `sampling.race` runs it
 on this device (C++ on CPUs, Triton on GPUs), the same race in PyTorch ops, and the inverse-CDF
-draw; plus `sample()` (log-softmax, draw, log-probs) with each draw. Median of --repeats,
+draw; plus `sample()` (log-softmax, draw, log-probs) with each draw and in PyTorch ops
+(`sample_torch`, inverse CDF; on CPUs `sample()` is one C++ pass per row). Median of --repeats,
 interleaved; JSON line last.
 
     python scripts/bench_sampling.py --device cuda --rows 1,8,64,256
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from efficientrollout.sampling import SamplingBatch, inverse_cdf, race, race_keys, race_torch, sample, seeded_uniform
+from efficientrollout.sampling import SamplingBatch, inverse_cdf, race, race_keys, race_torch, sample, sample_torch, seeded_uniform
 
 
 def main() -> None:
@@ -37,7 +38,8 @@ def main() -> None:
         params = SamplingBatch.build([1.0] * b, [1.0] * b, [0] * b, dev)
         cells = {"race": lambda: race(probs, keys), "race_pytorch": lambda: race_torch(probs, keys),
                  "inverse_cdf": lambda: inverse_cdf(probs, u),
-                 "sample_race": lambda: sample(logits, params, keys=keys), "sample_inverse_cdf": lambda: sample(logits, params, uniforms=u)}
+                 "sample_race": lambda: sample(logits, params, keys=keys), "sample_inverse_cdf": lambda: sample(logits, params, uniforms=u),
+                 "sample_pytorch": lambda: sample_torch(logits, params, uniforms=u)}
         times = {name: [] for name in cells}
         for fn in cells.values():
             fn()  # compile / warm up

@@ -19,6 +19,7 @@ from efficientrollout.sampling import (
     race_keys,
     race_torch,
     sample,
+    sample_torch,
     scaled_logprobs,
     seeded_uniform,
 )
@@ -169,6 +170,32 @@ def test_greedy_rows_take_the_argmax_and_report_unscaled_logprobs():
     assert torch.allclose(lps, torch.log_softmax(logits, -1)[[0, 1], [1, 2]])
 
 
+@pytest.mark.skipif(cpu_ops() is None, reason="needs our CPU kernels (a C++ compiler)")
+@pytest.mark.parametrize("coupling", ["uniforms", "keys"])
+def test_the_fused_sampler_matches_the_pytorch_one(coupling):
+    """sample() on CPUs without top-k / top-p (one C++ pass per row) against the PyTorch path:
+    the same tokens and log-probs for greedy, cool, plain and hot rows, tokens at -inf never
+    drawn; a NaN logit or a temperature whose logits / T overflow gives a non-finite log-prob."""
+    torch.manual_seed(4)
+    b, V = 256, 49152
+    logits = torch.randn(b, V) * torch.linspace(0.5, 6, b)[:, None]
+    logits[:, ::5] = float("-inf")
+    temps = [(0.0, 0.7, 1.0, 1.6)[i % 4] for i in range(b)]
+    params = SamplingBatch.build(temps, [1.0] * b, [0] * b, torch.device("cpu"))
+    draw = {"uniforms": torch.from_numpy(seeded_uniform(list(range(b)), [9] * b))} if coupling == "uniforms" else {"keys": race_keys(list(range(b)), [9] * b)}
+    tokens, lps = sample(logits, params, **draw)
+    want_tokens, want_lps = sample_torch(logits, params, **draw)
+    assert (tokens == want_tokens).float().mean() >= 0.995  # sums in another order flip a draw only at a boundary
+    same = tokens == want_tokens
+    assert torch.allclose(lps[same], want_lps[same], atol=2e-5)
+    assert torch.equal(tokens[::4], logits[::4].argmax(-1)) and torch.isfinite(lps).all()
+    assert (tokens % 5 != 0).all()  # -inf logits: probability 0
+    bad = logits[:2].clone()
+    bad[0, 7] = float("nan")
+    tokens, lps = sample(bad, SamplingBatch.build([1.0, 1e-45], [1.0] * 2, [0] * 2, torch.device("cpu")), **{k: v[:2] for k, v in draw.items()})
+    assert not torch.isfinite(lps).any() and ((tokens >= 0) & (tokens < V)).all()
+
+
 def test_bench_sampling_times_each_draw_and_checks_the_race():
     """scripts/bench_sampling.py: a time for every draw at every row count, and this device's race
     picking the PyTorch race's tokens."""
@@ -184,5 +211,5 @@ def test_bench_sampling_times_each_draw_and_checks_the_race():
     summary = json.loads(out.stdout.splitlines()[-1])
     assert summary["bench"] == "sampling" and [r["rows"] for r in summary["rows"]] == [1, 5]
     for row in summary["rows"]:
-        assert all(row[f"{name}_ms"] > 0 for name in ("race", "race_pytorch", "inverse_cdf", "sample_race", "sample_inverse_cdf"))
+        assert all(row[f"{name}_ms"] > 0 for name in ("race", "race_pytorch", "inverse_cdf", "sample_race", "sample_inverse_cdf", "sample_pytorch"))
         assert row["race_matches_pytorch"] == 1.0  # sums in another order flip a pick only at a near-tie

@@ -198,7 +198,15 @@ def draw(logprobs: Tensor, params: SamplingBatch, keys: Tensor | None = None, un
 
 def sample(logits: Tensor, params: SamplingBatch, keys: Tensor | None = None, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """logits [b, V] → (tokens [b], their log-probs [b]) with the documented log-prob definition;
-    sampled rows drawn as `draw` draws them."""
+    sampled rows drawn as `draw` draws them (on CPUs without top-k / top-p: one C++ pass per row,
+    the same picks and log-probs up to rounding)."""
+    if not params.any_filtered and (ops := _cpu_draws(logits := logits.float())) is not None:
+        return ops.sample_rows(logits, params.temperature, None if uniforms is None else uniforms.double(), keys, RACE_GROUP)
+    return sample_torch(logits, params, keys, uniforms)
+
+
+def sample_torch(logits: Tensor, params: SamplingBatch, keys: Tensor | None = None, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`sample` in PyTorch ops (with `draw`'s kernels)."""
     logprobs = scaled_logprobs(logits, params.temperature)
     tokens = logits.argmax(-1)
     if params.any_sampled:
