@@ -16,8 +16,9 @@ own seed and logits only, never on its batch neighbours. Two ways to turn that i
   wins, and its pick by inverse CDF almost never matches: drafts accepted 0.74 vs 0.91 by
   rejection sampling, SmolLM2, K = 4.)
 
-On CPUs both run as one C++ pass per row (kernels/sampling_cpu.cpp), the race on GPUs as one
-Triton kernel (kernels/sampling_triton.py), the rest as PyTorch ops.
+On CPUs both run as one C++ pass per row (kernels/sampling_cpu.cpp), and so does a whole
+`sample` without top-k / top-p (softmax, draw and log-prob); the race on GPUs as one Triton
+kernel (kernels/sampling_triton.py); the rest as PyTorch ops.
 """
 
 from __future__ import annotations
