@@ -226,8 +226,8 @@ def batch_digest(groups: list[list[RolloutResult]]) -> str:
     """A fingerprint of a step's sampled tokens, by prompt (request ids without their timestamp)
     and sample index: equal across modes exactly when they sampled the same batch (`--coupling race`)."""
     h = hashlib.sha256()
-    for s in sorted((s for g in groups for s in g), key=lambda s: (s.request_id.rsplit("-", 1)[0], s.sample_index)):
-        h.update(f"{s.request_id.rsplit('-', 1)[0]}/{s.sample_index}:{','.join(map(str, s.output_token_ids))};".encode())
+    for prompt, index, tokens in sorted((s.request_id.rsplit("-", 1)[0], s.sample_index, s.output_token_ids) for g in groups for s in g):
+        h.update(f"{prompt}/{index}:{','.join(map(str, tokens))};".encode())
     return h.hexdigest()[:16]
 
 
