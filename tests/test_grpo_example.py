@@ -200,3 +200,16 @@ def test_the_loss_runs_each_prompt_once_and_matches_a_forward_per_sample(tiny_di
         assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)
     for p, e in zip([p for p in model.parameters() if p.requires_grad], expected):
         assert (p.grad - e).norm() <= 1e-4 * e.norm()  # fp32 rounding: ~1e-5
+
+
+def test_bench_train_step_times_the_update_beside_another_version(tiny_dir):
+    """scripts/bench_train_step.py: the example's update timed per batch shape, for this
+    checkout's examples/grpo.py and the one given to compare (here the same file)."""
+    script = EXAMPLE.parents[1] / "scripts" / "bench_train_step.py"
+    out = subprocess.run([sys.executable, str(script), "--model", str(tiny_dir), "--train-layers", "1", "--repeats", "1",
+                          "--shapes", "short", "--against", str(EXAMPLE)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.splitlines()[-1])
+    assert summary["bench"] == "train_step" and [r["shape"] for r in summary["rows"]] == ["short"]
+    for row in summary["rows"]:
+        assert row["samples"] == 64 and row["current_s"] > 0 and row["against_s"] > 0 and row["current_vs_against"] > 0
