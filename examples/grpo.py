@@ -6,7 +6,7 @@ The task (--task mixed, the default): three quarters of the prompts are simple q
 4..120), rewarded by the share of 1..n written in order, less the share of numbers after that
 (0 if cut off at the token limit). The bundled 135M model at temperature 1 rambles: about 15%
 of one-word replies score, and it learns them within a few steps on a CPU; counting it mostly
-gets wrong, writing anything from 3 to 512 tokens (--max-new-tokens), and a few of those
+gets wrong, writing anything from 3 to 1024 tokens (--max-new-tokens), and a few of those
 replies run to the limit in most steps: as in real RL, most responses are short, and the
 prompts the policy cannot solve yet score little but decide how long each rollout takes.
 (--task one-word alone: replies shorten as the reward rises and the tail is gone after two
@@ -445,7 +445,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=8, help="questions per step")
     ap.add_argument("--group", type=int, default=8, help="samples per problem (the GRPO group)")
-    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=1024,
+                    help="the replies the policy cannot finish yet run to this limit, the long tail (on a 2-core CPU "
+                         "rollouts are 56-69%% of plain-sync's step; 41-53%% at 512)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train-layers", type=int, default=8, help="top decoder layers trained")
     ap.add_argument("--clip", type=float, default=0.2)
