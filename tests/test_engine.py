@@ -204,9 +204,12 @@ def test_requests_that_break_encoding_or_sampling_are_their_own_errors(tiny_engi
 
 
 def test_weight_update_changes_output_and_bad_update_is_rejected(tiny_engine, tiny_dir, tmp_path):
-    from conftest import build_tiny_checkpoint
+    from conftest import PLAIN, build_tiny_checkpoint
 
-    prompt = [req(0, "Once upon a time", temperature=0.0, max_new_tokens=12, ignore_eos=True)]
+    from efficientrollout.engines.native import EngineConfig, NativeEngine
+
+    # long enough that its prefill runs the multi-row linears (fp32 panels on AVX-512)
+    prompt = [req(0, "Once upon a time, in a land far away, there lived a", temperature=0.0, max_new_tokens=12, ignore_eos=True)]
     before = tiny_engine.generate(prompt)[0]
     original = read_state_dict(tiny_dir)
     new_dir = tmp_path / "v1"
@@ -217,6 +220,11 @@ def test_weight_update_changes_output_and_bad_update_is_rejected(tiny_engine, ti
         assert [p.data_ptr() for p in tiny_engine.decoder.parameters()] == params_before  # in place
         after = tiny_engine.generate(prompt)[0]
         assert after.policy_version == 1 and after.output_token_ids != before.output_token_ids
+        # every derived copy of the weights (fp32 panels, oneDNN's, the fused layers') was refreshed:
+        # the same as an engine that loaded these weights at start-up
+        fresh = NativeEngine(EngineConfig(model=str(new_dir), dtype="float32", max_batch_size=8, max_seq_len=256, speculation=PLAIN))
+        again = fresh.generate(prompt)[0]
+        assert again.output_token_ids == after.output_token_ids and again.logprobs == after.logprobs
 
         bad_shape = dict(original)
         bad_shape["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)

@@ -192,6 +192,15 @@ def test_bad_weights_are_rejected_and_engines_keep_serving(tmp_path, tiny_dir, r
         wait_for(lambda: q.engine_version("engine-1") == 4, 60, "version 4 served")
 
 
+def test_an_idle_engine_takes_an_announced_version_without_waiting_for_its_poll(tmp_path, tiny_dir, redis_server):
+    q = Redis(redis_server.url)
+    state = read_state_dict(tiny_dir)
+    with fleet(tmp_path, tiny_dir, redis_server.url, 1, "--policy-poll-s", "600") as f:
+        for version in (1, 2):  # the first poll happens at start-up; after it only the announcement tells
+            assert PolicyPublisher(f.policy_url, f.token).publish({k: v * (1 + version / 100) for k, v in state.items()}) == version
+            wait_for(lambda: q.engine_version("engine-1") == version, 30, f"version {version} served")
+
+
 def test_two_workers_one_version_bump_results_match_the_wave_version(tmp_path, tiny_dir, redis_server):
     q = Redis(redis_server.url)
     state = read_state_dict(tiny_dir)

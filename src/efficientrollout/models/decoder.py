@@ -95,6 +95,9 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         w = self.weight
+        if self.panels is not None and panel_ops(w) is not None:  # new weights: refreshed in place, no new memory
+            self.panels.copy_(w.detach().view(-1, 16, w.shape[1]).transpose(1, 2))
+            return
         self.packed = self.stream = self.panels = None
         if (ops := panel_ops(w)) is not None:
             self.panels = ops.f32_panels(w.detach())
