@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +30,9 @@ from efficientrollout.policies import (
     PolicyStore,
     PolicyUnavailable,
     WeightCache,
+    default_cache_root,
 )
+from efficientrollout.policies.cache import cache_roots
 from efficientrollout.policies.client import download_path
 from efficientrollout.policies.server import create_app
 from efficientrollout.policies.store import WEIGHTS_FILE, SafetensorsStream
@@ -260,6 +263,23 @@ def test_a_weight_cache_in_a_fresh_directory_is_private_whatever_the_umask(tmp_p
         os.umask(old)
     assert (tmp_path / "made" / "here").stat().st_mode & 0o777 == 0o700
     cache.close()
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no writable /dev/shm on this machine")
+def test_the_default_weight_cache_is_in_memory_where_three_versions_fit():
+    url = f"http://127.0.0.1:1/{os.getpid()}"  # a server nobody else caches for
+    shm, tmp = cache_roots(url)
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    assert default_cache_root(url, version_bytes=free // 4) == shm
+    assert default_cache_root(url, version_bytes=free // 2) == tmp  # three would not fit
+    assert default_cache_root(url) == tmp  # size unknown
+    cache = WeightCache(default_cache_root(url, version_bytes=1 << 20))
+    try:  # engines already there: a newcomer joins them, whatever the room
+        assert default_cache_root(url, version_bytes=free) == shm
+    finally:
+        cache.close()
+    assert not shm.exists()
+    assert default_cache_root(url, "/somewhere") == Path("/somewhere") / shm.name
 
 
 def test_a_weight_cache_others_could_write_to_is_refused(tmp_path):

@@ -24,6 +24,7 @@ import httpx
 import msgspec
 import redis
 
+from ..policies.cache import cache_roots
 from ..protocol import EngineStatus
 from ..queue import RedisKeys
 from ..queue.server import RedisServer, free_port
@@ -83,7 +84,7 @@ class Fleet:
             self.engines.append(self._spawn(f"engine-{self._started}", [
                 "engine", "--redis", self.redis_url, "--policy", self.policy_url, "--prefix", self.prefix,
                 "--engine-id", f"engine-{self._started}", "--threads", str(threads), "--metrics-port", "0",
-                "--download-dir", str(self.workdir / "downloads"), *self.engine_args], env={"EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token}, cpus=self.engine_cpus))
+                *self.engine_args], env={"EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token}, cpus=self.engine_cpus))
         self.n_engines = n
         if wait_ready:
             self._wait(lambda: len(self.status()["engines"]) >= n, timeout, f"{n} engines")
@@ -132,6 +133,8 @@ class Fleet:
             self._redis = None
         if self.redis_server:
             self.redis_server.stop()
+        for root in cache_roots(self.policy_url):  # what engines killed before leaving their weight cache left there
+            shutil.rmtree(root, ignore_errors=True)
         if self.temporary and not failed:
             shutil.rmtree(self.workdir, ignore_errors=True)
         elif self.temporary:

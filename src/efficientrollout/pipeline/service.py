@@ -76,7 +76,8 @@ class WorkerConfig:
     metrics_host: str = option("127.0.0.1", "address of /metrics and /healthz")
     metrics_port: int | None = option(None, "serve /metrics and /healthz on this port (0: any free port; none: off)")
     download_dir: str | None = option(None, "where weight downloads land, shared by the engines on this host that name "
-                                            "the same one (none: <tmp>/efficientrollout-weights-<uid>)")
+                                            "the same one (none: /dev/shm where it has room for three versions, "
+                                            "else <tmp>; under efficientrollout-weights-<uid>)")
 
     def __post_init__(self) -> None:
         if self.wave_size < 1 or self.lease_ms < 100 or self.max_deliveries < 1:
@@ -95,14 +96,12 @@ class EngineService:
         self._bad_versions: set[int] = set()
         self._last_poll = 0.0
         self._announced_seen = -1  # the newest version announced on Redis that this engine looked for
-        self._cache: WeightCache | None = None  # joined in run(), left when it ends
+        self._cache: WeightCache | None = None  # joined at the first new version, left when run() ends
         self.keys = self.queue.keys
         self._started = time.time()
 
     async def run(self) -> None:
         log.info("engine %s serving version %d from %s", self.engine.engine_id, self.engine.version, self.config.redis_url)
-        if self.policy is not None:
-            self._cache = WeightCache(default_cache_root(self.policy.url, self.config.download_dir))
         try:
             await self._run()
         finally:
@@ -219,6 +218,16 @@ class EngineService:
             return
         if latest is None or latest <= self.engine.version or latest in self._bad_versions:
             return
+        if self._cache is None:  # joined once the size of a version is known: it decides where the cache goes
+            try:
+                size = sum(f.size for f in (await anyio.to_thread.run_sync(self.policy.manifest, latest)).files)
+            except Exception as exc:  # noqa: BLE001 - as an unreachable server above
+                if isinstance(exc, PolicyError):  # refused: not asked again
+                    self._bad_versions.add(latest)
+                log.warning("policy version %d: no manifest (%s); still serving version %d", latest, exc, self.engine.version)
+                return
+            # a directory others could write to raises here: the engine stops rather than load from it
+            self._cache = WeightCache(default_cache_root(self.policy.url, self.config.download_dir, size))
         self.state = "updating"
         t0 = time.perf_counter()
         fetched = None

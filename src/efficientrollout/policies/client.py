@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -211,13 +212,19 @@ class PolicyClient:
                     with urllib.request.urlopen(req, timeout=self.timeout) as r:
                         if r.status != 206:
                             digest = hashlib.sha256()
-                        with open(path, "ab" if r.status == 206 else "wb") as f:
+                        # sha256 (~1 GB/s a core) on its own thread, a chunk behind the socket and the file
+                        with open(path, "ab" if r.status == 206 else "wb") as f, ThreadPoolExecutor(1) as hasher:
+                            hashed = None
                             while chunk := r.read(4 << 20):
-                                digest.update(chunk)
                                 f.write(chunk)
+                                if hashed is not None:
+                                    hashed.result()
+                                hashed = hasher.submit(digest.update, chunk)
                                 if stopping is not None and stopping():
                                     raise FetchStopped(f"stopped while downloading version {version} "
                                                        f"({entry.name}: {f.tell()} of {entry.size} bytes kept to resume)")
+                            if hashed is not None:
+                                hashed.result()
             except (OSError, http.client.HTTPException) as exc:  # URLError and HTTPError are OSErrors
                 if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                     _raise_for_status(url, exc.code, exc.read().decode(errors="replace"))
