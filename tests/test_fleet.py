@@ -201,6 +201,19 @@ def test_an_idle_engine_takes_an_announced_version_without_waiting_for_its_poll(
             wait_for(lambda: q.engine_version("engine-1") == version, 30, f"version {version} served")
 
 
+def test_an_engine_stops_rather_than_load_from_a_weight_cache_others_could_write_to(tmp_path, tiny_dir, redis_server):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    state = read_state_dict(tiny_dir)
+    with fleet(tmp_path, tiny_dir, redis_server.url, 1, "--download-dir", str(shared)) as f:
+        PolicyPublisher(f.policy_url, f.token).publish({k: v * 1.01 for k, v in state.items()})
+        engine = f.engines[0]
+        wait_for(lambda: engine.poll() is not None, 60, "the engine to stop")
+        assert engine.returncode != 0
+        assert "only this user can change" in (f.workdir / "logs" / "engine-1.log").read_text()
+
+
 def test_two_workers_one_version_bump_results_match_the_wave_version(tmp_path, tiny_dir, redis_server):
     q = Redis(redis_server.url)
     state = read_state_dict(tiny_dir)

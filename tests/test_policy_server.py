@@ -270,12 +270,13 @@ def test_the_default_weight_cache_is_in_memory_where_three_versions_fit():
     url = f"http://127.0.0.1:1/{os.getpid()}"  # a server nobody else caches for
     shm, tmp = cache_roots(url)
     free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
-    assert default_cache_root(url, version_bytes=free // 4) == shm
+    assert default_cache_root(url, version_bytes=free // 10) == shm
     assert default_cache_root(url, version_bytes=free // 2) == tmp  # three would not fit
     assert default_cache_root(url) == tmp  # size unknown
     cache = WeightCache(default_cache_root(url, version_bytes=1 << 20))
-    try:  # engines already there: a newcomer joins them, whatever the room
-        assert default_cache_root(url, version_bytes=free) == shm
+    try:  # engines already there: a newcomer joins them where one more version fits
+        assert default_cache_root(url, version_bytes=free // 2) == shm
+        assert default_cache_root(url, version_bytes=2 * free) == tmp
     finally:
         cache.close()
     assert not shm.exists()

@@ -51,6 +51,7 @@ class Fleet:
         self.engines: list[subprocess.Popen] = []
         self._started = 0
         self._redis: redis.Redis | None = None
+        self._serving_policy = False
 
     @property
     def redis_url(self) -> str:
@@ -69,6 +70,7 @@ class Fleet:
             "--redis", self.redis_url, "--prefix", self.prefix],
             env={"EFFICIENTROLLOUT_POLICY_TOKEN": self.token, "EFFICIENTROLLOUT_POLICY_READ_TOKEN": self.read_token})
         self._wait(lambda: httpx.get(f"{self.policy_url}/healthz", timeout=1).status_code == 200, timeout, "policy server")
+        self._serving_policy = True  # this fleet's server holds the port: its engines' caches are this fleet's
         self.scale(self.n_engines, wait_ready=wait_ready, timeout=timeout)
         return self
 
@@ -133,7 +135,7 @@ class Fleet:
             self._redis = None
         if self.redis_server:
             self.redis_server.stop()
-        for root in cache_roots(self.policy_url):  # what engines killed before leaving their weight cache left there
+        for root in cache_roots(self.policy_url) if self._serving_policy else ():  # left by engines killed in it
             shutil.rmtree(root, ignore_errors=True)
         if self.temporary and not failed:
             shutil.rmtree(self.workdir, ignore_errors=True)

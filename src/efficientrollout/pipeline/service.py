@@ -226,8 +226,11 @@ class EngineService:
                     self._bad_versions.add(latest)
                 log.warning("policy version %d: no manifest (%s); still serving version %d", latest, exc, self.engine.version)
                 return
-            # a directory others could write to raises here: the engine stops rather than load from it
-            self._cache = WeightCache(default_cache_root(self.policy.url, self.config.download_dir, size))
+            root = default_cache_root(self.policy.url, self.config.download_dir, size)
+            try:
+                self._cache = await anyio.to_thread.run_sync(WeightCache, root)
+            except OSError as exc:  # e.g. a directory others could write to: stop rather than load from it
+                raise RuntimeError(f"cannot use {root} as this host's weight cache: {exc}") from exc
         self.state = "updating"
         t0 = time.perf_counter()
         fetched = None

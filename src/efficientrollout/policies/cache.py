@@ -54,14 +54,14 @@ def cache_roots(policy_url: str) -> list[Path]:
 
 def default_cache_root(policy_url: str, base: str | os.PathLike | None = None, version_bytes: int = 0) -> Path:
     """`<base>/<hash of the server's URL>`. Without a base: in /dev/shm where it has room for
-    three versions of `version_bytes` (two kept, one arriving) or where engines on this host
-    already keep this server's versions, else `<tmp>/efficientrollout-weights-<uid>/...`.
+    three versions of `version_bytes` (two kept, one arriving), or for one where engines on
+    this host already keep this server's versions there; else `<tmp>/efficientrollout-weights-<uid>/...`.
     Ten 538 MB downloads right after a publish took 0.80 s on average into memory, 1.21 s onto
     an ext4 /tmp still writing back the versions before (2-core Xeon VM)."""
     if base:
         return Path(base) / cache_roots(policy_url)[0].name
     shm, tmp = cache_roots(policy_url)
-    if shm.is_dir() or (version_bytes > 0 and _room(SHM) >= 3 * version_bytes):
+    if version_bytes > 0 and _room(SHM) >= (1 if shm.is_dir() else 3) * version_bytes:
         return shm
     return tmp
 
