@@ -283,6 +283,15 @@ def test_the_default_weight_cache_is_in_memory_where_three_versions_fit():
     assert default_cache_root(url, "/somewhere") == Path("/somewhere") / shm.name
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a directory to another user needs root")
+def test_a_weight_cache_under_another_users_directory_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)  # not writable by us, but its owner could swap our cache for theirs
+    with pytest.raises(PermissionError, match="only this user can change"):
+        WeightCache(theirs / "cache")
+
+
 def test_a_weight_cache_others_could_write_to_is_refused(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()

@@ -75,10 +75,13 @@ def _room(path: Path) -> int:
 
 
 def _check_private(path: Path, parent: bool = False) -> None:
-    """`path` is ours and nobody else can write in it (a parent may be sticky-shared, as /tmp)."""
+    """`path` is ours and nobody else can write in it. A parent may also be root's, and shared
+    if sticky (as /tmp): whoever owns a directory, or may write in one that is not sticky, can
+    rename the cache away and put another in its place."""
     st = path.stat()
-    shared = st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX if parent else st.st_mode & 0o022
-    if (st.st_uid != os.getuid() and not parent) or shared:
+    owners = (os.getuid(), 0) if parent else (os.getuid(),)
+    shared = st.st_mode & 0o022 and not (parent and st.st_mode & stat.S_ISVTX)
+    if st.st_uid not in owners or shared:
         raise PermissionError(f"{path}: a weight cache needs a directory only this user can change "
                               f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)})")
 
