@@ -44,11 +44,14 @@ _VERSION = re.compile(rf"v(\d+)(?:\.json|\.{re.escape(WEIGHTS_FILE)})?")
 SHM = Path("/dev/shm")
 
 
+def _server_key(policy_url: str) -> str:
+    return hashlib.sha256(policy_url.rstrip("/").encode()).hexdigest()[:16]
+
+
 def cache_roots(policy_url: str) -> list[Path]:
     """Where `default_cache_root` may put this server's versions without a base: in memory
     (/dev/shm), else in <tmp>."""
-    key = hashlib.sha256(policy_url.rstrip("/").encode()).hexdigest()[:16]
-    name = f"efficientrollout-weights-{os.getuid()}"
+    name, key = f"efficientrollout-weights-{os.getuid()}", _server_key(policy_url)
     return [SHM / name / key, Path(tempfile.gettempdir()) / name / key]
 
 
@@ -59,7 +62,7 @@ def default_cache_root(policy_url: str, base: str | os.PathLike | None = None, v
     Ten 538 MB downloads right after a publish took 0.80 s on average into memory, 1.21 s onto
     an ext4 /tmp still writing back the versions before (2-core Xeon VM)."""
     if base:
-        return Path(base) / cache_roots(policy_url)[0].name
+        return Path(base) / _server_key(policy_url)
     shm, tmp = cache_roots(policy_url)
     if version_bytes > 0 and _room(SHM) >= (1 if shm.is_dir() else 3) * version_bytes:
         return shm
