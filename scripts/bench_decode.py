@@ -16,6 +16,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from efficientrollout import cpu
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.protocol import RolloutRequest, SamplingParams
 from efficientrollout.speculation import SpeculationConfig
@@ -100,7 +101,7 @@ def main() -> None:
     summary = {
         "bench": "decode", "model": str(engine.model_path.name), "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "native_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "tokens_per_sample": a.tokens,
+        "native_bf16": cpu.native_bf16(), "tokens_per_sample": a.tokens,
         "load_s": round(load_s, 2), "warmup_s": round(warmup_s, 2),
         "weight_mb": round(weight_bytes / 1e6, 1), "read_bandwidth_gbs": round(bandwidth, 1), "read_bandwidth_readings_gbs": [round(x, 1) for x in bandwidths], "floor_ms_this_machine": round(floor_ms, 2),
         "rows": rows,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from efficientrollout import cpu
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.protocol import RolloutRequest, SamplingParams
 from efficientrollout.speculation import SpeculationConfig
@@ -98,7 +99,7 @@ def main() -> None:
     print(json.dumps({"bench": "grpo_rollout", "seed": a.seed, "step": a.step, "task": a.task, "samples": len(fixed),
                       "tokens": sum(lengths), "longest": lengths[-8:], "engine": f"native {a.dtype}", "drafter": a.drafter, "coupling": a.coupling, "cuda_graphs": a.cuda_graphs,
                       "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "1 CPU",
-                      "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2", "repeats": rows,
+                      "cpu": cpu.label(), "repeats": rows,
                       "adaptive_over_plain": sorted(r["adaptive_over_plain"] for r in rows)}))
 
 

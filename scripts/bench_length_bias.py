@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from efficientrollout import cpu
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.speculation import SpeculationConfig
 
@@ -49,7 +50,7 @@ def main() -> None:
             for k, v in row.items():
                 totals[mode][k] += v
     print(json.dumps({"bench": "length_bias", "task": a.task, "seeds": a.seeds, "max_new_tokens": a.max_new_tokens,
-                      "engine": "native float32, 1 CPU", "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2",
+                      "engine": "native float32, 1 CPU", "cpu": cpu.label(),
                       "totals": totals, "adaptive_over_plain_tokens": round(totals["adaptive"]["tokens"] / totals["plain"]["tokens"], 3)}))
 
 

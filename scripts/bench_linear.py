@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from efficientrollout import cpu
 from efficientrollout.models.decoder import Linear
 from efficientrollout.speculation.drafter import QuantLinear
 
@@ -41,7 +42,7 @@ def candidates(w: torch.Tensor, group: int) -> dict:
            "w8a8": QuantLinear(target, "w8a8")}
     if w.is_cuda:
         out["fp8"] = QuantLinear(target, "fp8")
-    if w.is_cuda or torch.cpu._is_avx512_supported():
+    if w.is_cuda or cpu.avx512():
         out["int4_tinygemm" if w.is_cuda else "int4pack"] = QuantLinear(target, "int4" if w.is_cuda else "int4pack", group)
     return out
 

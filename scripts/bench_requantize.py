@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from efficientrollout import cpu
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.speculation import SpeculationConfig
 from efficientrollout.speculation.drafter import int8_rows, torchao_int8_rows
@@ -52,7 +53,7 @@ def main() -> None:
         print(dtype, json.dumps(row), flush=True)
         results[dtype] = row
     print(json.dumps({"bench": "requantize", "model": "smollm2", "drafter": "int8", "threads": 1,
-                      "cpu": "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2", "results": results}))
+                      "cpu": cpu.label(), "results": results}))
 
 
 if __name__ == "__main__":

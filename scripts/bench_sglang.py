@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+from efficientrollout import cpu as isa
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.engines.sglang import SGLangConfig, SGLangEngine
 from efficientrollout.pipeline.timeline import plot_timeline
@@ -83,7 +83,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     requests = wave_requests(a.max_len, a.seed)
     variants = {}
-    cpu = "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx2" if torch.cpu._is_avx2_supported() else platform.machine()
+    cpu = isa.label()
     for name in a.variants.split(","):
         backend, sglang_speculation, mode = VARIANTS[name]
         print(f"== {name}", flush=True)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from efficientrollout import cpu
 from efficientrollout.kernels import cpu_ops, int8_gemv_op
 from efficientrollout.models.decoder import GEMV_MAX_ROWS, Linear
 from efficientrollout.speculation.drafter import PACKED_MAX_ROWS, Drafter, QuantLinear, pick_kernel
 
-AVX512 = torch.cpu._is_avx512_supported()
+AVX512 = cpu.avx512()
 KERNELS = ["torchao", "w8a8"] + (["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []) + (
     ["int8pack", "int4pack"] if AVX512 else [])
 

@@ -11,6 +11,7 @@ import torch
 from conftest import build_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
+from efficientrollout import cpu
 from efficientrollout.engines.native import EngineConfig, NativeEngine
 from efficientrollout.protocol import RolloutRequest, SamplingParams
 from efficientrollout.speculation import SpeculationConfig
@@ -74,7 +75,7 @@ def test_raced_samples_are_plain_samples_whatever_k(tiny_dir):
     assert [r.output_token_ids for r in rejection] != [r.output_token_ids for r in plain]
 
 
-@pytest.mark.skipif(not torch.cpu._is_avx512_supported() and not torch.cuda.is_available(), reason="int4 needs AVX512 or CUDA")
+@pytest.mark.skipif(not cpu.avx512() and not torch.cuda.is_available(), reason="int4 needs AVX512 or CUDA")
 def test_int4_drafter_is_lossless(tiny_engine, tiny_dir):
     spec = engine(tiny_dir, mode="always", k=4, drafter="int4", int4_group_size=32)
     requests = [req(i, PROMPTS[i % len(PROMPTS)], temperature=0.0, max_new_tokens=20, ignore_eos=True) for i in range(8)]

@@ -2,7 +2,8 @@
 
 Only what ATen does badly at decode shapes lives here (see the .cpp files). The build takes
 ~15 s once per machine (cached under ~/.cache/efficientrollout, keyed by the source, torch
-version and CPU); without a C++ compiler, or with EFFICIENTROLLOUT_CPU_KERNELS=0, callers use
+version and CPU; for Haswell under EFFICIENTROLLOUT_CPU_ISA=avx2, see efficientrollout.cpu);
+without a C++ compiler, or with EFFICIENTROLLOUT_CPU_KERNELS=0, callers use
 the plain PyTorch ops instead, which give the same results up to rounding.
 """
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .. import cpu
+
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode_cpu.cpp", "attention_cpu.cpp", "attention_f32_cpu.cpp", "gemv_cpu.cpp", "gemv_f32_cpu.cpp", "panels_f32_cpu.cpp", "int8_vnni_cpu.cpp", "layer_cpu.cpp", "quantize_cpu.cpp", "sampling_cpu.cpp")]
 
@@ -27,7 +30,7 @@ def _cpu_tag() -> str:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:8]
+    return hashlib.sha256(flags.encode()).hexdigest()[:8] + ("" if cpu.march() == "native" else "_" + cpu.march())
 
 
 @functools.cache
@@ -55,7 +58,7 @@ def cpu_ops():
     log.info("compiling the CPU decode kernels for this machine (once, ~15 s)")
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], build_directory=str(build), is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+                           extra_cflags=["-O3", f"-march={cpu.march()}", "-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / ninja: the PyTorch ops still work
         log.warning("CPU decode kernels unavailable (%s: %s); using PyTorch's ops", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import cpu
 from ..kernels import cpu_ops, gemv_ops, int8_gemv_op
 from ..models.decoder import GEMV_MAX_ROWS, Decoder, Linear
 from .gate import DRAFTER_KERNELS
@@ -83,13 +84,13 @@ def pick_kernel(device: torch.device, bits: int = 8, dtype: torch.dtype = torch.
     if bits == 4:
         if device.type == "cuda":
             return "int4"
-        if device.type == "cpu" and torch.cpu._is_avx512_supported():
+        if device.type == "cpu" and cpu.avx512():
             return "int4pack"
         raise ValueError(f"the int4 drafter needs a fast int4 kernel (CUDA, or an AVX512 CPU); {device} has none (use int8)")
     if device.type != "cpu":
         return "torchao"
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    if torch.cpu._is_avx512_supported() and (dtype == torch.bfloat16 or not fbgemm):
+    if cpu.avx512() and (dtype == torch.bfloat16 or not fbgemm):
         return "int8pack"
     if dtype == torch.float32 and int8_gemv_op(torch.empty(0, 8)) is not None:
         return "int8pack"  # our fp32 int8 kernel at 1-12 rows (FBGEMM beyond): see the module docstring
@@ -147,7 +148,7 @@ class QuantLinear(nn.Module):
             return
         self.wide = None  # the packed CPU kernels' FBGEMM copy for batches beyond their range
         if self.kernel in ("w8a8", "fp8"):
-            wq, w_scale = _quantize_rows(w, self.kernel)  # [N, K], [N, 1]
+            wq, w_scale = _quantize_rows(w, self.kernel, _W8A8_CPU_WEIGHT_QMAX if w.device.type == "cpu" else None)  # [N, K], [N, 1]
             # cuBLAS wants N % 16 == 0 (a drafter vocabulary head may not be): zero rows, sliced off in forward
             self.weight = _pad_rows(wq, -w.shape[0] % 16), _pad_rows(w_scale, -w.shape[0] % 16, 1.0).t().contiguous()
             return
@@ -247,11 +248,11 @@ def _copy_into(dst, src) -> bool:
     return True
 
 
-def _quantize_rows(t: Tensor, kernel: str) -> tuple[Tensor, Tensor]:
-    """Each row of t [M, K] scaled to the 8-bit range (int8 for w8a8, fp8 e4m3 for fp8):
-    (q [M, K], scale [M, 1] fp32) with t ~ q * scale."""
+def _quantize_rows(t: Tensor, kernel: str, qmax: float | None = None) -> tuple[Tensor, Tensor]:
+    """Each row of t [M, K] scaled to the 8-bit range (int8 for w8a8, fp8 e4m3 for fp8), or to
+    +-qmax: (q [M, K], scale [M, 1] fp32) with t ~ q * scale."""
     tf = t.float()
-    qmax = 127.0 if kernel == "w8a8" else torch.finfo(torch.float8_e4m3fn).max
+    qmax = qmax or (127.0 if kernel == "w8a8" else torch.finfo(torch.float8_e4m3fn).max)
     scale = tf.abs().amax(1, keepdim=True).clamp(min=1e-12) / qmax
     q = tf / scale
     return (q.round().clamp(-qmax, qmax).to(torch.int8) if kernel == "w8a8" else q.to(torch.float8_e4m3fn)), scale
@@ -284,10 +285,16 @@ def _dynamic_mm(x: Tensor, w: Tensor, w_scale: Tensor, kernel: str) -> Tensor:
     return y[:m].to(x.dtype)
 
 
+# oneDNN's int8 GEMM (torch._int_mm on CPUs) without VNNI adds pairs of u8 x s8 products in 16
+# bits, which saturate with full-range int8 weights (w8a8 drafts 16% off the target's linear on
+# AVX2, against 1%): there w8a8 weights keep 7 bits, which never saturate (exact, as an int32
+# matmul; tests/test_drafter.py under EFFICIENTROLLOUT_CPU_ISA=avx2).
+_W8A8_CPU_WEIGHT_QMAX = 127.0 if cpu.vnni() else 63.0
+
 # FBGEMM quantizes the activations per call, to 7 bits unless told otherwise: without VNNI its
 # u8 x s8 products may saturate a 16-bit sum at 8 bits. With VNNI they cannot, and 8 bits
 # lifted the fp32 drafter's acceptance at batch 16 from 0.65 to 0.75 (SmolLM2, K = 4).
-_FBGEMM_REDUCE_RANGE = not torch.cpu._is_vnni_supported()
+_FBGEMM_REDUCE_RANGE = not cpu.vnni()
 
 
 def _fbgemm_pack(qdata: Tensor, scale: Tensor, bias: Tensor | None):

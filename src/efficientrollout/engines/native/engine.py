@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ... import cpu
 from ...options import option
 from ...models import (
     DEFAULT_MODEL,
@@ -76,8 +77,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16
     # Without AVX512-BF16/AMX, CPU bf16 matmuls fall back to scalar code (~300x slower here).
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native_bf16 else torch.float32
+    return torch.bfloat16 if cpu.native_bf16() else torch.float32
 
 
 class NativeEngine:
