@@ -86,7 +86,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "weight_sync", "engines": a.engines, "model": a.model, "weights_mb": round(size_mb, 1),
         "speculation": a.speculation, "engines_dtype": str(engines_dtype).removeprefix("torch."),
-        "cpu": cpu.label(), "cpu_isa_caps": {k: os.environ[k] for k in (cpu.ISA_ENV, *cpu._TORCH_CAPS) if k in os.environ}, "rounds": rows,
+        "cpu": cpu.label(), "cpu_isa_caps": {k: os.environ[k] for k in (cpu.ISA_ENV, *cpu.TORCH_CAPS) if k in os.environ}, "rounds": rows,
         "median_by_transport": {t: {k: statistics.median(r[k] for r in rs) for k in ("publish_s", "after_publish_returned_s", "all_serving_s")}
                                 for t, rs in by.items()},
         "target_s": 3.0}))

@@ -99,14 +99,14 @@ def test_the_int8_kernel_follows_the_targets_dtype():
     """fp32 targets draft with our int8 kernels at 1-12 rows where they exist (FBGEMM beyond),
     else with FBGEMM wherever it exists (ATen's int8pack with fp32 activations measured 3-9x
     slower than the target); bf16 targets with int8pack on AVX512 CPUs."""
-    cpu, fbgemm = torch.device("cpu"), "fbgemm" in torch.backends.quantized.supported_engines
+    dev, fbgemm = torch.device("cpu"), "fbgemm" in torch.backends.quantized.supported_engines
     ours = int8_gemv_op(torch.empty(0, 64)) is not None
     if ours:
-        assert pick_kernel(cpu, dtype=torch.float32) == "int8pack"
+        assert pick_kernel(dev, dtype=torch.float32) == "int8pack"
     elif fbgemm:
-        assert pick_kernel(cpu, dtype=torch.float32) == "fbgemm"
+        assert pick_kernel(dev, dtype=torch.float32) == "fbgemm"
     if AVX512:
-        assert pick_kernel(cpu, dtype=torch.bfloat16) == "int8pack"
+        assert pick_kernel(dev, dtype=torch.bfloat16) == "int8pack"
 
 
 @pytest.mark.skipif(int8_gemv_op(torch.empty(0, 64)) is None or "fbgemm" not in torch.backends.quantized.supported_engines,

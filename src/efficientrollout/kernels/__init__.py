@@ -30,7 +30,7 @@ def _cpu_tag() -> str:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:8] + ("" if cpu.march() == "native" else "_" + cpu.march())
+    return hashlib.sha256(flags.encode()).hexdigest()[:8] + ("_" + cpu.march() if cpu.isa_cap() else "")
 
 
 @functools.cache

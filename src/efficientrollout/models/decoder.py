@@ -98,9 +98,9 @@ class Linear(nn.Linear):
         if self.panels is not None and panel_ops(w) is not None:  # new weights: refreshed in place, no new memory
             self.panels.copy_(w.detach().view(-1, 16, w.shape[1]).transpose(1, 2))
             return
-        if self.packed is not None and self.packed.dtype == w.dtype and self.packed.shape == w.shape:
-            # oneDNN's copy refreshed in place through a temporary of this linear's size: a new copy
-            # each time cost a model's worth of fresh pages (first update of SmolLM2 fp32: 1.07 s)
+        # oneDNN's copy is refreshed in place through a temporary of this linear's size: a new
+        # copy each time cost a model's worth of fresh pages (first update of SmolLM2 fp32: 1.07 s)
+        if self.packed is not None and w.device.type == "cpu" and (self.packed.dtype, self.packed.shape) == (w.dtype, w.shape):
             self.packed.copy_(torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
             return
         self.packed = self.stream = self.panels = None

@@ -47,6 +47,7 @@ every batch size.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
 import numpy as np
@@ -148,7 +149,7 @@ class QuantLinear(nn.Module):
             return
         self.wide = None  # the packed CPU kernels' FBGEMM copy for batches beyond their range
         if self.kernel in ("w8a8", "fp8"):
-            wq, w_scale = _quantize_rows(w, self.kernel, _W8A8_CPU_WEIGHT_QMAX if w.device.type == "cpu" else None)  # [N, K], [N, 1]
+            wq, w_scale = _quantize_rows(w, self.kernel, w8a8_cpu_weight_qmax() if w.device.type == "cpu" else None)  # [N, K], [N, 1]
             # cuBLAS wants N % 16 == 0 (a drafter vocabulary head may not be): zero rows, sliced off in forward
             self.weight = _pad_rows(wq, -w.shape[0] % 16), _pad_rows(w_scale, -w.shape[0] % 16, 1.0).t().contiguous()
             return
@@ -285,11 +286,14 @@ def _dynamic_mm(x: Tensor, w: Tensor, w_scale: Tensor, kernel: str) -> Tensor:
     return y[:m].to(x.dtype)
 
 
-# oneDNN's int8 GEMM (torch._int_mm on CPUs) without VNNI adds pairs of u8 x s8 products in 16
-# bits, which saturate with full-range int8 weights (w8a8 drafts 16% off the target's linear on
-# AVX2, against 1%): there w8a8 weights keep 7 bits, which never saturate (exact, as an int32
-# matmul; tests/test_drafter.py under EFFICIENTROLLOUT_CPU_ISA=avx2).
-_W8A8_CPU_WEIGHT_QMAX = 127.0 if cpu.vnni() else 63.0
+@functools.cache
+def w8a8_cpu_weight_qmax() -> float:
+    """127, or 63 where this process's oneDNN int8 GEMM (torch._int_mm on CPUs) saturates. Without
+    VNNI it adds pairs of u8 x s8 products in 16 bits, which overflow with full-range int8 weights
+    (w8a8 drafts 16% off the target's linear on AVX2, against 1%); 7-bit weights never do. Checked
+    once, on the worst case, against an int32 matmul (tests/test_cpu_isa.py checks both)."""
+    a, b = torch.full((4, 64), 127, dtype=torch.int8), torch.full((64, 8), 127, dtype=torch.int8)
+    return 127.0 if torch._int_mm(a, b).equal(a.int() @ b.int()) else 63.0
 
 # FBGEMM quantizes the activations per call, to 7 bits unless told otherwise: without VNNI its
 # u8 x s8 products may saturate a 16-bit sum at 8 bits. With VNNI they cannot, and 8 bits
