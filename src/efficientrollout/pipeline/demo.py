@@ -102,12 +102,13 @@ def _phase(mode: str, a: argparse.Namespace, lengths: dict) -> dict:
         with Fleet(a.engines, workdir=workdir, engine_args=engine_args) as fleet:
             print(f"fleet up in {time.perf_counter() - t0:.1f}s: redis {fleet.redis_url}, policy server {fleet.policy_url}", flush=True)
             report = anyio.run(_produce, fleet, a, lengths)
-            report["waves"] = waves = _traces(fleet)
+            report["waves"] = waves = _traces(fleet, a.rounds * a.prompts * a.n)
     steps = [s for w in waves for s in w.steps]
     drafted = sum(s.drafted for s in steps)
     report["acceptance"] = round(sum(s.accepted for s in steps) / drafted, 3) if drafted else None
     report["speculated_steps"] = round(sum(1 for s in steps if s.k > 0) / max(len(steps), 1), 3)
     report["waves_served"] = len(waves)
+    report["requests_traced"] = sum(len(w.requests) for w in waves)  # each sample is a request: all, or the figures miss some
     report["wave_s"] = round(sum(w.seconds for w in waves), 2)  # generating only: no weight sync between rounds
     return report
 
@@ -179,10 +180,17 @@ def _nudged_weights(model: str, step: int) -> dict:
     return {k: v + 1e-3 * v * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in read_state_dict(resolve_model(model)).items()}
 
 
-def _traces(fleet: Fleet) -> list[WaveTrace]:
+def _traces(fleet: Fleet, requests: int, wait_s: float = 10.0) -> list[WaveTrace]:
+    """The waves' traces, once they cover all `requests`: an engine appends a wave's trace after
+    its results went out, so the last wave's may still be on its way (up to `wait_s`)."""
     r = redis.Redis.from_url(fleet.redis_url)
+    deadline = time.monotonic() + wait_s
     try:
-        return [msgspec.msgpack.decode(f[b"data"], type=WaveTrace) for _, f in r.xrange(fleet.keys.trace)]
+        while True:
+            waves = [msgspec.msgpack.decode(f[b"data"], type=WaveTrace) for _, f in r.xrange(fleet.keys.trace)]
+            if sum(len(w.requests) for w in waves) >= requests or time.monotonic() > deadline:
+                return waves
+            time.sleep(0.05)
     finally:
         r.close()
 
