@@ -255,6 +255,21 @@ def test_a_weight_cache_keeps_the_version_it_just_fetched_and_resumes_only_its_o
     cache.close()
 
 
+def test_a_weight_cache_takes_a_manifest_the_engine_already_fetched(policy_server, tmp_path):
+    """An engine reads the first new version's manifest to choose where its cache goes; the
+    download then uses that manifest instead of asking the server again."""
+    url, _, _ = policy_server
+    state = {"w": torch.randn(1000)}
+    PolicyPublisher(url, "s3cret").publish(state)
+    client = PolicyClient(url, "r3ad")
+    manifest = client.manifest(1)
+    client.manifest = lambda version: pytest.fail(f"asked the server for version {version}'s manifest again")
+    cache = WeightCache(tmp_path / "cache")
+    path, fetched = cache.fetch(client, 1, manifest=manifest)
+    assert fetched and torch.equal(read_state_dict(path)["w"], state["w"])
+    cache.close()
+
+
 def test_a_weight_cache_in_a_fresh_directory_is_private_whatever_the_umask(tmp_path):
     old = os.umask(0o002)
     try:

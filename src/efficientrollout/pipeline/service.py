@@ -218,15 +218,16 @@ class EngineService:
             return
         if latest is None or latest <= self.engine.version or latest in self._bad_versions:
             return
+        manifest = None
         if self._cache is None:  # joined once the size of a version is known: it decides where the cache goes
             try:
-                size = sum(f.size for f in (await anyio.to_thread.run_sync(self.policy.manifest, latest)).files)
+                manifest = await anyio.to_thread.run_sync(self.policy.manifest, latest)
             except Exception as exc:  # noqa: BLE001 - as an unreachable server above
                 if isinstance(exc, PolicyError):  # refused: not asked again
                     self._bad_versions.add(latest)
                 log.warning("policy version %d: no manifest (%s); still serving version %d", latest, exc, self.engine.version)
                 return
-            root = default_cache_root(self.policy.url, self.config.download_dir, size)
+            root = default_cache_root(self.policy.url, self.config.download_dir, sum(f.size for f in manifest.files))
             try:
                 self._cache = await anyio.to_thread.run_sync(WeightCache, root)
             except OSError as exc:  # e.g. a directory others could write to: stop rather than load from it
@@ -235,7 +236,7 @@ class EngineService:
         t0 = time.perf_counter()
         fetched = None
         try:  # the first engine on this host downloads the version; the others wait for it and share it
-            path, fetched = await anyio.to_thread.run_sync(self._cache.fetch, self.policy, latest, self._stopping.is_set)
+            path, fetched = await anyio.to_thread.run_sync(self._cache.fetch, self.policy, latest, self._stopping.is_set, manifest)
             downloaded = time.perf_counter() - t0
             await engine_thread().run(self.engine.update_weights, path, latest)
         except FetchStopped:

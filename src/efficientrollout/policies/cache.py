@@ -35,6 +35,7 @@ from pathlib import Path
 
 import msgspec
 
+from ..protocol import WeightManifest
 from .client import FetchStopped, PolicyClient, download_path
 from .store import WEIGHTS_FILE
 
@@ -128,15 +129,17 @@ class WeightCache:
                 pass
             members.close()
 
-    def fetch(self, client: PolicyClient, version: int, stopping: Callable[[], bool] | None = None) -> tuple[Path, bool]:
+    def fetch(self, client: PolicyClient, version: int, stopping: Callable[[], bool] | None = None,
+              manifest: WeightManifest | None = None) -> tuple[Path, bool]:
         """The version's verified weights (a file, or a directory of shards) and whether this
-        call downloaded them (False: another engine on this host had). While another engine
+        call downloaded them (False: another engine on this host had); its manifest is fetched
+        unless given, as `PolicyClient.download` takes it. While another engine
         holds the cache, `stopping()` is asked every 20 ms, and between 4 MiB chunks while this
         one downloads; True raises FetchStopped (an engine told to stop need not wait out a
         download: for a large policy, a minute). What arrived stays, and the next fetch resumes it."""
         if self._members.closed:
             raise RuntimeError("this weight cache was closed")
-        manifest = client.manifest(version)
+        manifest = manifest or client.manifest(version)
         stamp = msgspec.json.encode(manifest)
         if not (self.root / "members").exists():  # removed under us (a /tmp cleaner): join again
             self._members.close()
